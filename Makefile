@@ -1,0 +1,28 @@
+# Two entry points on a fresh machine: `make demo` (the main job end to end) and `make test`.
+PY := .venv/bin/python
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+export PIP_CACHE_DIR := $(CURDIR)/.cache/pip
+export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup demo test lint bench clean
+
+setup: .venv/.installed
+
+.venv/.installed: pyproject.toml requirements.lock scripts/setup.sh
+	bash scripts/setup.sh
+	touch $@
+
+demo: setup
+	$(PY) -m pipelines.demo
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) bench/model.py
+
+clean:
+	.venv/bin/ckl services down || true
+	rm -rf .ckl .cache

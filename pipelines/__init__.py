@@ -1,0 +1,1 @@
+"""ckl pipelines: document schema, Kafka source/sink, ingestion steps and the `ckl` command line."""

