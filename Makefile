@@ -4,8 +4,10 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export PIP_CACHE_DIR := $(CURDIR)/.cache/pip
 export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
 export HF_HUB_OFFLINE := 1
+export AIRFLOW_HOME := $(CURDIR)/.ckl/airflow
+export AIRFLOW__CORE__LOAD_EXAMPLES := False
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-slow bench clean
 
 setup: .venv/.installed
 
@@ -19,6 +21,9 @@ demo: setup
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest
+
+test-slow: setup
+	$(PY) -m pytest -m slow || [ $$? -eq 5 ]  # 5: no slow test selected
 
 bench: setup
 	$(PY) bench/model.py

@@ -1,0 +1,1 @@
+"""ckl monitoring: MLflow tracking of ingestion batches, retention probes and memory snapshots."""
