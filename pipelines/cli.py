@@ -13,6 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "services": ("pipelines.services_cli", "start, stop or inspect the local Kafka broker and MLflow server"),
     "produce": ("pipelines.produce", "publish documents from a JSONL file to a Kafka topic"),
+    "data": ("pipelines.data_cli", "generate data: `ckl data bios` (biographies with probes, filler text)"),
 }
 
 
