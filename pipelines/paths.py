@@ -19,3 +19,13 @@ def logs_dir() -> Path:
     path = state_dir() / "logs"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def cache_dir() -> Path:
+    """Project-local cache for unpacked tools and build artefacts: `.cache/` under the working directory.
+
+    Override with the environment variable CKL_CACHE.
+    """
+    path = Path(os.environ.get("CKL_CACHE", Path.cwd() / ".cache")).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
