@@ -25,13 +25,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.paths import cache_dir, state_dir
 
 HOST = "127.0.0.1"
 KAFKA_RELEASE = "kafka_2.12-2.3.0"
+BROKER_ID = 0
 SERVICES_FILE = "services.json"
 DEFAULT_READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
@@ -278,14 +279,19 @@ class ManagedProcess:
         else:
             state = "up" if self.answers() else "not answering"
         return ServiceStatus(
-            name=self.name, state=state, pid=pid, address=self.address if pid is not None else None,
+            name=self.name, state=state, pid=pid, address=self.endpoint if pid is not None else None,
             rss_mb=round(_rss_mb(members), 1) if members else None, log=str(self.log_path),
         )
 
     @property
     def address(self) -> str:
-        """Where clients connect."""
+        """`host:port` of the service."""
         return f"{HOST}:{self.port}"
+
+    @property
+    def endpoint(self) -> str:
+        """What a client is given to connect (an address, or a URL for HTTP services)."""
+        return self.address
 
     def _signal_group(self, signum: int) -> None:
         record = self._read_record()
@@ -393,16 +399,28 @@ class ZooKeeper(_JavaProcess):
         return self.java_command(config)
 
     def answers(self) -> bool:
+        return self._four_letter_word(b"ruok") == "imok"
+
+    def ephemeral_nodes(self) -> set[str]:
+        """Paths of the ephemeral nodes that live sessions hold (e.g. `/brokers/ids/0`)."""
+        dump = self._four_letter_word(b"dump")
+        return {line.strip() for line in dump.splitlines() if line.startswith("\t/")}
+
+    def _four_letter_word(self, word: bytes) -> str:
+        """ZooKeeper's reply to an admin command ("" if it does not answer)."""
+        reply = b""
         try:
             with socket.create_connection((HOST, self.port), timeout=2) as sock:
-                sock.sendall(b"ruok")
-                return sock.recv(16) == b"imok"
+                sock.sendall(word)
+                while chunk := sock.recv(4096):
+                    reply += chunk
         except OSError:
-            return False
+            return ""
+        return reply.decode("utf-8", "replace")
 
 
 class KafkaBroker(_JavaProcess):
-    """One Kafka broker (id 0) registered in `zookeeper`; logs under `kafka/data/` survive a SIGKILL."""
+    """One Kafka broker registered in `zookeeper`; its logs under `kafka/data/` survive a SIGKILL."""
 
     name = "kafka"
     heap = "512m"
@@ -419,7 +437,7 @@ class KafkaBroker(_JavaProcess):
 
     def command(self, port: int) -> list[str]:
         config = _write_properties(self.state / "kafka" / "server.properties", {
-            "broker.id": 0,
+            "broker.id": BROKER_ID,
             "listeners": f"PLAINTEXT://{HOST}:{port}",
             "advertised.listeners": f"PLAINTEXT://{HOST}:{port}",
             "log.dirs": self.state / "kafka" / "data",
@@ -454,9 +472,21 @@ class KafkaBroker(_JavaProcess):
             admin.close()
         return bool(cluster["brokers"]) and cluster["controller_id"] not in (None, -1)
 
+    def launch(self) -> None:
+        """Launch once ZooKeeper has dropped the registration of a killed predecessor."""
+        if self.pid is None:
+            self._wait_registration_expired()
+        super().launch()
+
     def should_relaunch(self, startup_log: str) -> bool:
-        # After a SIGKILL, ZooKeeper keeps the dead broker's registration until its session expires (~6 s).
+        # The registration can outlive the wait above by a hair; the broker then exits and is launched again.
         return "NodeExistsException" in startup_log
+
+    def _wait_registration_expired(self, timeout: float = 30.0) -> None:
+        """After a SIGKILL, ZooKeeper keeps the dead broker's node until its session expires (~6 s)."""
+        deadline = time.monotonic() + timeout
+        while f"/brokers/ids/{BROKER_ID}" in self.zookeeper.ephemeral_nodes() and time.monotonic() < deadline:
+            time.sleep(0.25)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -472,6 +502,10 @@ class MlflowServer(ManagedProcess):
     def uri(self) -> str:
         """Tracking URI for MLflow clients."""
         return f"http://{self.address}"
+
+    @property
+    def endpoint(self) -> str:
+        return self.uri
 
     def command(self, port: int) -> list[str]:
         data = self.state / "mlflow"
@@ -573,8 +607,3 @@ def load_services_info(state: Path | None = None) -> dict:
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise ServiceError(f"{path} not found: start the services with `ckl services up`") from None
-
-
-def status_rows(statuses: list[ServiceStatus]) -> list[dict]:
-    """Statuses as plain dicts (for JSON output)."""
-    return [asdict(status) for status in statuses]
