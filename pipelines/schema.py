@@ -95,6 +95,8 @@ def _decode_object(raw: bytes) -> dict[str, Any]:
         message = json.loads(decoded, object_pairs_hook=_reject_duplicate_keys)
     except json.JSONDecodeError as error:
         raise InvalidDocument(WHOLE_MESSAGE, f"not JSON ({error.msg} at character {error.pos})") from None
+    except RecursionError:
+        raise InvalidDocument(WHOLE_MESSAGE, "not JSON (nested too deeply)") from None
     if not isinstance(message, dict):
         raise InvalidDocument(WHOLE_MESSAGE, f"expected a JSON object, got {_json_type(message)}")
     return message
@@ -118,13 +120,24 @@ def _required_text(container: dict[str, Any], name: str, path: str | None = None
         raise InvalidDocument(path, f"expected a string, got {_json_type(value)}")
     if not value.strip():
         raise InvalidDocument(path, "empty (must contain non-whitespace text)")
-    return value
+    return _valid_unicode(value, path)
 
 
 def _optional_str(message: dict[str, Any], name: str) -> str | None:
     value = message.get(name)
-    if value is not None and not isinstance(value, str):
+    if value is None:
+        return None
+    if not isinstance(value, str):
         raise InvalidDocument(name, f"expected a string, got {_json_type(value)}")
+    return _valid_unicode(value, name)
+
+
+def _valid_unicode(value: str, path: str) -> str:
+    """Reject strings that cannot be encoded back to UTF-8 (unpaired \\uD800-\\uDFFF escapes)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidDocument(path, f"unpaired surrogate escape at character {error.start}") from None
     return value
 
 

@@ -94,6 +94,8 @@ def test_document_is_immutable():
          "probes[0].hint", "unknown field"),
         (with_fields(txt="typo of text"), "txt", "unknown field"),
         (b'{"doc_id": "a", "text": "one", "text": "two"}', "text", "duplicate field"),
+        (b'{"doc_id": "a", "text": "broken \\ud800 pair"}', "text", "unpaired surrogate"),
+        (b"[" * 100_000, "$", "nested too deeply"),
     ],
 )
 def test_invalid_message_is_rejected_naming_field_and_reason(raw, field, reason):

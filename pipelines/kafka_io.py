@@ -1,0 +1,51 @@
+"""Kafka plumbing shared by the document path: topic names, topic creation, the producer.
+
+Topics are created by the project with explicit partition counts (never by broker auto-creation,
+whose count is whatever the broker's default happens to be).
+"""
+
+import logging
+
+from kafka import KafkaAdminClient, KafkaProducer
+
+log = logging.getLogger(__name__)
+
+DOCS_TOPIC = "ckl.docs"
+DLQ_TOPIC = "ckl.docs.dlq"
+# name -> partition count used when the project creates the topic
+DOCUMENT_TOPICS: dict[str, int] = {DOCS_TOPIC: 3, DLQ_TOPIC: 1}
+
+_TOPIC_ALREADY_EXISTS = 36
+
+
+def ensure_topics(bootstrap: str, partitions: dict[str, int], replication_factor: int = 1) -> dict[str, int]:
+    """Create the missing topics of {name: partition count}; existing topics are left unchanged.
+
+    Idempotent and safe against a concurrent creator. Returns the partition count each topic has now
+    (an existing topic keeps its own count; a mismatch with the requested one is logged).
+    """
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="ckl-admin")
+    try:
+        existing = {t["name"]: len(t["partitions"]) for t in admin.describe_topics() if t["error_code"] == 0}
+        missing = {name: count for name, count in partitions.items() if name not in existing}
+        if missing:
+            spec = {name: {"num_partitions": count, "replication_factor": replication_factor}
+                    for name, count in missing.items()}
+            response = admin.create_topics(spec, raise_errors=False)
+            for topic in response["topics"]:
+                if topic["error_code"] not in (0, _TOPIC_ALREADY_EXISTS):
+                    raise RuntimeError(f"cannot create topic {topic['name']}: {topic['error_message']}")
+            admin.wait_for_topics(list(missing))
+            log.info("created topics %s", missing)
+        for name, count in partitions.items():
+            if name in existing and existing[name] != count:
+                log.warning("topic %s exists with %d partitions (wanted %d); left as it is",
+                            name, existing[name], count)
+        return {name: existing.get(name, count) for name, count in partitions.items()}
+    finally:
+        admin.close()
+
+
+def make_producer(bootstrap: str, client_id: str = "ckl-producer") -> KafkaProducer:
+    """A producer that sends raw bytes and waits for all in-sync replicas (idempotent, retries)."""
+    return KafkaProducer(bootstrap_servers=bootstrap, client_id=client_id, acks="all", linger_ms=5)
