@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,14 @@ _AIRFLOW_HOME = pytest.StashKey[Path]()
 _LOCAL_BUNDLE = "airflow.dag_processing.bundles.local.LocalDagBundle"
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    # A run stopped with SIGTERM (e.g. a CI timeout) unwinds like Ctrl-C, so the finalizers below still stop
+    # every service they started.
+    signal.signal(signal.SIGTERM, _interrupt)
     home = Path(tempfile.mkdtemp(prefix="ckl-airflow-"))
     config.stash[_AIRFLOW_HOME] = home
     os.environ.update({

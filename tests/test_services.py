@@ -216,6 +216,22 @@ def test_up_after_broker_sigkill_brings_it_back_with_earlier_data(cli_state, top
     assert sorted(consume_all(restarted["kafka_bootstrap"], topic_name, expected=50)) == sorted(messages)
 
 
+def test_up_after_sigkill_of_every_service_replaces_stale_records_and_orphans(cli_state):
+    before = load_services_info(cli_state)
+    leaders = [service["pid"] for service in before["services"].values()]
+    orphans = [pid for pid in group_members(leaders) if pid not in leaders]
+    assert orphans, "expected the MLflow server's worker in the MLflow process group"
+    for pid in leaders:
+        os.kill(pid, signal.SIGKILL)  # leaders only: the MLflow worker lives on, holding the port
+
+    ckl_services(cli_state, "up")
+    after = load_services_info(cli_state)
+    assert not set(leaders) & {service["pid"] for service in after["services"].values()}
+    assert not any(alive(pid) for pid in orphans)
+    assert after["mlflow_uri"] == before["mlflow_uri"]
+    assert "ckl-services-check" in mlflow_experiment_names(after["mlflow_uri"])  # same SQLite store
+
+
 def test_down_stops_everything_and_leaves_no_process(cli_state):
     info = load_services_info(cli_state)
     pids = [service["pid"] for service in info["services"].values()]
