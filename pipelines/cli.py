@@ -14,6 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "services": ("pipelines.services_cli", "start, stop or inspect the local Kafka broker and MLflow server"),
     "produce": ("pipelines.produce", "publish documents from a JSONL file to a Kafka topic"),
     "data": ("pipelines.data_cli", "generate data: `ckl data bios` (biographies with probes, filler text)"),
+    "ingest": ("pipelines.ingest_cli", "consume documents from Kafka into the model server's memory"),
+    "serve": ("serving.cli", "run the model server: queries, memory injection and snapshots over HTTP"),
 }
 
 

@@ -1,0 +1,38 @@
+"""ckl_ingest: one ingestion batch per run (consume -> DLQ -> inject -> snapshot -> commit).
+
+Wiring only; the work is `pipelines.ingest`. Addresses come from CKL_* environment variables or the
+local `.ckl/` files (see `IngestSettings.resolve`); the batch size is a run parameter.
+"""
+
+from datetime import datetime, timedelta
+
+from airflow.sdk import Param, dag, task
+
+
+@dag(
+    dag_id="ckl_ingest",
+    schedule=timedelta(minutes=1),
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args={
+        "retries": 3,
+        "retry_delay": timedelta(seconds=10),
+        "retry_exponential_backoff": True,
+        "max_retry_delay": timedelta(minutes=5),
+    },
+    params={"batch_size": Param(32, type="integer", minimum=1, description="Messages per batch")},
+    tags=["ckl"],
+)
+def ckl_ingest():
+    @task(queue="gpu")  # injection runs on the model server; keep the caller next to the GPU workers
+    def ingest_batch(params: dict) -> dict:
+        from pipelines.ingest import IngestSettings, report_dict, run_one_batch
+
+        settings = IngestSettings.resolve(batch_size=int(params["batch_size"]))
+        return report_dict(run_one_batch(settings))
+
+    ingest_batch()
+
+
+ckl_ingest()

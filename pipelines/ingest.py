@@ -1,0 +1,179 @@
+"""The ingestion batch step of DESIGN.md as plain functions, used by the `ckl_ingest` DAG and `ckl ingest`.
+
+One batch: consume -> validate (invalid to the DLQ, inside `DocumentSource.poll_batch`) -> inject through
+the model server (idempotent by doc_id) -> snapshot -> log to MLflow -> commit the Kafka offsets.
+
+Exactly once: offsets are committed only after the snapshot that holds the batch is durable. A crash
+before the commit redelivers the batch; the server's applied-doc ledger (restored with the snapshot)
+skips what it already has, and a server that lost unsnapshotted work re-applies it from the redelivery.
+"""
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+from pipelines.faults import crash_point
+from pipelines.kafka_io import DOCS_TOPIC
+from pipelines.paths import state_dir
+from pipelines.services import load_services_info
+from pipelines.source import DEFAULT_GROUP, Batch, DocumentSource
+from serving.client import ModelServerClient, read_server_file
+from serving.settings import WRITE_TOKEN_ENV
+
+log = logging.getLogger(__name__)
+
+BOOTSTRAP_ENV, SERVER_URL_ENV, MLFLOW_URI_ENV = "CKL_KAFKA_BOOTSTRAP", "CKL_SERVER_URL", "CKL_MLFLOW_URI"
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    """Where ingestion reads, writes and reports; `resolve` fills the gaps from env and `.ckl/`."""
+
+    bootstrap: str
+    server_url: str
+    write_token: str | None = field(default=None, repr=False)
+    mlflow_uri: str | None = None
+    topic: str = DOCS_TOPIC
+    group: str = DEFAULT_GROUP
+    batch_size: int = 32
+    poll_timeout_s: float = 10.0
+
+    @classmethod
+    def resolve(cls, **given: object) -> "IngestSettings":
+        """Settings from explicit values, else CKL_* environment variables, else `.ckl/*.json`.
+
+        CKL_KAFKA_BOOTSTRAP, CKL_SERVER_URL, CKL_MLFLOW_URI and CKL_WRITE_TOKEN let a scaled-out
+        deployment point workers at its own services; locally `ckl services up` and `ckl serve` write
+        their addresses into `.ckl/`.
+        """
+        values = {k: v for k, v in given.items() if v is not None}
+        if "bootstrap" not in values or "mlflow_uri" not in values:
+            env_bootstrap, env_mlflow = os.environ.get(BOOTSTRAP_ENV), os.environ.get(MLFLOW_URI_ENV)
+            services = {} if env_bootstrap and env_mlflow else load_services_info()
+            values.setdefault("bootstrap", env_bootstrap or services["kafka_bootstrap"])
+            values.setdefault("mlflow_uri", env_mlflow or services.get("mlflow_uri"))
+        if "server_url" not in values:
+            values["server_url"] = os.environ.get(SERVER_URL_ENV) or read_server_file(state_dir())["url"]
+        values.setdefault("write_token", os.environ.get(WRITE_TOKEN_ENV))
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """What one batch did."""
+
+    consumed: int
+    applied: int
+    duplicates: int
+    dead_lettered: int
+    injections: int
+    injection_ms: float
+    memory_version: int | None
+    snapshot_id: str | None
+    offsets: dict[int, int]
+    seconds: float
+
+    @property
+    def empty(self) -> bool:
+        return self.consumed == 0
+
+
+def open_source(settings: IngestSettings) -> DocumentSource:
+    """A consumer of the settings' topic in the settings' group (auto-commit off)."""
+    return DocumentSource(settings.bootstrap, topic=settings.topic, group=settings.group)
+
+
+def open_client(settings: IngestSettings) -> ModelServerClient:
+    """An HTTP client of the model server carrying the write token."""
+    return ModelServerClient(settings.server_url, token=settings.write_token)
+
+
+def process_batch(source: DocumentSource, client: ModelServerClient, settings: IngestSettings) -> BatchReport:
+    """Consume one batch and make it durable, then commit its offsets. An empty poll does nothing."""
+    started = time.perf_counter()
+    batch = source.poll_batch(settings.batch_size, settings.poll_timeout_s)
+    crash_point("after_consume")
+    if batch.size == 0:
+        return BatchReport(0, 0, 0, 0, 0, 0.0, None, None, {}, time.perf_counter() - started)
+
+    applied, duplicates, injections, injection_ms, version = [], [], 0, 0.0, None
+    if batch.documents:
+        result = client.inject(_inject_payload(batch))
+        applied, duplicates = result.applied, result.skipped_duplicates
+        injections, injection_ms, version = result.injections, result.injection_ms, result.memory_version
+    crash_point("after_inject")
+
+    snapshot_id = client.snapshot().id if applied else None
+    crash_point("after_snapshot")
+
+    report = BatchReport(
+        consumed=batch.size,
+        applied=len(applied),
+        duplicates=len(duplicates),
+        dead_lettered=batch.dead_lettered,
+        injections=injections,
+        injection_ms=injection_ms,
+        memory_version=version,
+        snapshot_id=snapshot_id,
+        offsets=dict(batch.offsets),
+        seconds=time.perf_counter() - started,
+    )
+    if settings.mlflow_uri:
+        _log_to_mlflow(settings, batch, report)
+    crash_point("before_commit")
+    source.commit(batch)
+    log.info("batch done: %s", report)
+    return report
+
+
+def run_one_batch(settings: IngestSettings) -> BatchReport:
+    """One batch with a fresh consumer and client (what one `ckl_ingest` DAG run does)."""
+    with open_source(settings) as source, open_client(settings) as client:
+        return process_batch(source, client, settings)
+
+
+def batches_until_drained(settings: IngestSettings) -> Iterator[BatchReport]:
+    """Process batches until a poll brings nothing within the poll timeout."""
+    with open_source(settings) as source, open_client(settings) as client:
+        while not (report := process_batch(source, client, settings)).empty:
+            yield report
+
+
+def _inject_payload(batch: Batch) -> list[dict]:
+    return [
+        {
+            "doc_id": sourced.document.doc_id,
+            "text": sourced.document.text,
+            "source": sourced.document.source,
+            "published_at": sourced.document.published_at,
+            "topic": sourced.topic,
+            "partition": sourced.partition,
+            "offset": sourced.offset,
+        }
+        for sourced in batch.documents
+    ]
+
+
+def _log_to_mlflow(settings: IngestSettings, batch: Batch, report: BatchReport) -> None:
+    from monitoring.tracking import log_batch
+
+    metrics = {
+        "documents": report.applied,
+        "duplicates": report.duplicates,
+        "dlq": report.dead_lettered,
+        "injections": report.injections,
+        "injection_ms": report.injection_ms,
+        "documents_per_s": report.applied / report.seconds if report.seconds else 0.0,
+    }
+    if report.memory_version is not None:
+        metrics["memory_version"] = report.memory_version
+    tags = {"topic": batch.topic, "group": settings.group, "snapshot": report.snapshot_id or ""}
+    tags |= {f"offset.{partition}": str(offset) for partition, offset in sorted(batch.offsets.items())}
+    log_batch(settings.mlflow_uri, metrics, tags)
+
+
+def report_dict(report: BatchReport) -> dict:
+    """A JSON-friendly form of a report (Airflow XCom, logs)."""
+    return asdict(report)

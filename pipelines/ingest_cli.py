@@ -1,0 +1,41 @@
+"""`ckl ingest`: consume documents from Kafka into the model server's memory, batch by batch."""
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--until-drained", action="store_true",
+                        help="keep going until a poll brings nothing (default: one batch)")
+    parser.add_argument("--server", metavar="URL", help="model server URL (default: from .ckl/server.json)")
+    parser.add_argument("--bootstrap", metavar="HOST:PORT", help="Kafka (default: from .ckl/services.json)")
+    parser.add_argument("--mlflow-uri", metavar="URI", help="MLflow URI (default: from .ckl/services.json)")
+    parser.add_argument("--topic", default=None, help="topic to consume (default: ckl.docs)")
+    parser.add_argument("--group", default=None, help="consumer group (default: ckl-ingest)")
+    parser.add_argument("--batch-size", type=int, default=32, help="messages per batch (default: 32)")
+    parser.add_argument("--poll-timeout", type=float, default=10.0,
+                        help="seconds a poll waits for the first message; an empty poll ends --until-drained")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from pipelines.ingest import IngestSettings, batches_until_drained, run_one_batch
+
+    settings = IngestSettings.resolve(
+        bootstrap=args.bootstrap, server_url=args.server, mlflow_uri=args.mlflow_uri, topic=args.topic,
+        group=args.group, batch_size=args.batch_size, poll_timeout_s=args.poll_timeout,
+    )
+    reports = batches_until_drained(settings) if args.until_drained else iter([run_one_batch(settings)])
+    totals = {"consumed": 0, "applied": 0, "duplicates": 0, "dead_lettered": 0, "injections": 0}
+    with tqdm(desc="ingest", unit="msg") as progress:
+        for report in reports:
+            for key in totals:
+                totals[key] += getattr(report, key)
+            progress.update(report.consumed)
+            progress.set_postfix(applied=totals["applied"], dup=totals["duplicates"],
+                                 dlq=totals["dead_lettered"], version=report.memory_version)
+    print(f"messages consumed: {totals['consumed']}\n"
+          f"documents applied: {totals['applied']} ({totals['injections']} contexts injected)\n"
+          f"skipped as duplicates: {totals['duplicates']}\n"
+          f"sent to the dead-letter topic: {totals['dead_lettered']}")
+    return 0
