@@ -241,10 +241,10 @@ def attention_mask_for(
 ) -> torch.Tensor | None:
     """Boolean mask (b, 1, T, P + past + T), True = attend: the whole prefix, the text causally, no padding.
 
-    padding_mask: (B, past + T) with 0 at padding, or None. A query always sees itself, so a padded row
-    never has every key masked. None when nothing needs masking (one new token, no padding).
+    padding_mask: (B, past + T) with 0 at padding, or None without padding. A query always sees itself,
+    so a padded row never has every key masked. None when nothing needs masking (one new token, no padding).
     """
-    padded = padding_mask is not None and not bool(padding_mask.all())
+    padded = padding_mask is not None
     if not padded and length == 1:
         return None
     query_index = torch.arange(past_length, past_length + length, device=device)[:, None]  # (T, 1)
@@ -453,9 +453,12 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         past_key_values: a DynamicCache of text keys/values (created when use_cache); memory: an explicit
         pool [L, n, d] to query instead of the model's own (differentiable: training uses it);
         use_memory_cache: override `self.use_memory_cache` (the cache is used only without autograd).
+        Other keyword arguments transformers passes (return_dict, ...) are accepted and ignored.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if kwargs.get("position_ids") is not None:
+            raise ValueError("MemoryLLM numbers positions itself (memory first); do not pass position_ids")
         if inputs_embeds is None:
             inputs_embeds = self.model.embed_tokens(input_ids)
         hidden = inputs_embeds  # (B, T, d)
@@ -474,13 +477,16 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         memory_kv = self._query_memory_kv(memory, use_memory_cache)
         self._activate_adapter(injection=False)
         prefix_length = memory_kv[0][0].shape[2] if memory_kv is not None else 0
-        if attention_mask is not None and not bool(attention_mask.all()):
+        padding_mask = (
+            attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
+        )
+        if padding_mask is not None:
             # left padding: real tokens are numbered from the prefix on, as without padding
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_length:] + prefix_length
+            positions = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_length:] + prefix_length
         else:
             positions = torch.arange(length, device=hidden.device)[None] + (prefix_length + past_length)
         position_embeddings = self._position_embeddings(hidden, positions)
-        mask = attention_mask_for(attention_mask, past_length, length, prefix_length, hidden.device)
+        mask = attention_mask_for(padding_mask, past_length, length, prefix_length, hidden.device)
 
         for i, layer in enumerate(self.model.layers):
             prefix_kv = memory_kv[i] if memory_kv is not None else None
