@@ -8,13 +8,10 @@ for the whole session in `pytest_configure`, before any test module is collected
 "dags-folder") and DAGs written only for tests in `tests/airflow_dags/` (bundle "ckl-test-dags").
 """
 
-import json
 import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -22,12 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.airflow_env import airflow_environment, migrate
 from pipelines.services import KafkaBroker, LocalServices, MlflowServer
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_DAGS = Path(__file__).resolve().parent / "airflow_dags"
 _AIRFLOW_HOME = pytest.StashKey[Path]()
-_LOCAL_BUNDLE = "airflow.dag_processing.bundles.local.LocalDagBundle"
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -40,16 +36,7 @@ def pytest_configure(config: pytest.Config) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     home = Path(tempfile.mkdtemp(prefix="ckl-airflow-"))
     config.stash[_AIRFLOW_HOME] = home
-    os.environ.update({
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
-        "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": json.dumps([
-            {"name": "dags-folder", "classpath": _LOCAL_BUNDLE, "kwargs": {}},
-            {"name": "ckl-test-dags", "classpath": _LOCAL_BUNDLE, "kwargs": {"path": str(TEST_DAGS)}},
-        ]),
-    })
+    os.environ.update(airflow_environment(home, extra_bundles={"ckl-test-dags": TEST_DAGS}))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -95,11 +82,7 @@ def mlflow_server(local_services: LocalServices) -> MlflowServer:
 def airflow_home(pytestconfig: pytest.Config) -> Path:
     """The session's AIRFLOW_HOME (SQLite, no examples, DAGs from the repo's dags/), migrated once."""
     home = pytestconfig.stash[_AIRFLOW_HOME]
-    result = subprocess.run(
-        [sys.executable, "-m", "airflow", "db", "migrate"], capture_output=True, text=True, cwd=home,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"airflow db migrate failed:\n{result.stdout}\n{result.stderr}")
+    migrate(dict(os.environ))
     return home
 
 
