@@ -211,6 +211,9 @@ def test_memory_state_checksum_mismatch_is_refused(tmp_path):
     before = model.memory.detach().clone()
     with pytest.raises(MemoryStateError, match="checksum mismatch"):
         model.load_memory_state(path)
+    path.write_bytes(bytes(data[: len(data) // 2]))  # truncated
+    with pytest.raises(MemoryStateError, match="cannot read"):
+        model.load_memory_state(path)
     torch.testing.assert_close(model.memory.detach(), before, rtol=0, atol=0)
 
 
@@ -282,6 +285,19 @@ def test_dtype_follows_the_parameters():
     with torch.no_grad():
         reference.inject_memory(CONTEXT)
     torch.testing.assert_close(model.memory.float(), reference.memory, rtol=1e-4, atol=1e-4)
+    half = injected_model().to(torch.bfloat16)
+    with torch.no_grad():
+        assert half.inject_memory(CONTEXT).dtype == torch.bfloat16
+        assert half.generate(QUERY, max_new_tokens=3, do_sample=False).shape == (1, QUERY.shape[1] + 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_model_runs_where_its_parameters_are():
+    model = injected_model().cuda()
+    with torch.no_grad():
+        new_tokens = model.inject_memory(CONTEXT, generator=torch.Generator().manual_seed(0))
+        generated = model.generate(QUERY.cuda(), max_new_tokens=3, do_sample=False)
+    assert new_tokens.device.type == model.memory.device.type == generated.device.type == "cuda"
 
 
 # ---------------------------------------------------------------------------------- the reference's outputs
