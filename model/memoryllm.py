@@ -348,11 +348,12 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
                 init.normal_(self.bos_embedding)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs) -> "MemoryLLM":
+    def from_pretrained(cls, *args, **kwargs):
         """transformers' loader; the pool stays out of autograd by default, as in the reference."""
-        model = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info
         model.memory.requires_grad_(False)
-        return model
+        return loaded
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
