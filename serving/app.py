@@ -1,0 +1,170 @@
+"""The model server's HTTP API (FastAPI): queries read the live memory, writes change it.
+
+Reads (`/v1/query`, `/v1/memory`, `/v1/snapshots`, `/v1/health`, `/metrics`) are open unless a read token
+is configured; writes (`POST /v1/inject`, `POST /v1/snapshots`) need `Authorization: Bearer <write token>`
+and are refused with 503 when the server has none. The OpenAPI page (`/docs`) documents every body.
+"""
+
+import hmac
+import time
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from serving.metrics import CONTENT_TYPE, ServerMetrics
+from serving.schemas import (
+    HealthResponse,
+    InjectRequest,
+    InjectResponse,
+    Limits,
+    MemoryResponse,
+    QueryRequest,
+    QueryResponse,
+    SnapshotListResponse,
+    SnapshotResponse,
+)
+from serving.settings import WRITE_TOKEN_ENV, ServerSettings
+from serving.snapshots import SnapshotInfo, list_snapshots
+from serving.state import LiveState
+
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
+
+
+def create_app(state: LiveState, settings: ServerSettings, metrics: ServerMetrics) -> FastAPI:
+    """The API over a loaded live state."""
+    app = FastAPI(
+        title="ckl model server",
+        version="1",
+        description="Ask the live MemoryLLM questions; inject documents into its memory; snapshot its state.",
+    )
+
+    def require_write(credentials: Credentials) -> None:
+        if settings.write_token is None:
+            raise HTTPException(503, f"writes are disabled: the server was started without {WRITE_TOKEN_ENV}")
+        _check_token(credentials, (settings.write_token,))
+
+    def require_read(credentials: Credentials) -> None:
+        if settings.read_token is not None:
+            _check_token(credentials, tuple(t for t in (settings.read_token, settings.write_token) if t))
+
+    @app.middleware("http")
+    async def count_errors(request: Request, call_next):  # noqa: ANN001, ANN202 (FastAPI middleware signature)
+        try:
+            response = await call_next(request)
+        except Exception:
+            metrics.observe_error(request.url.path, 500)
+            raise
+        if response.status_code >= 400:
+            metrics.observe_error(request.url.path, response.status_code)
+        return response
+
+    @app.post("/v1/query", dependencies=[Depends(require_read)])
+    def query(request: QueryRequest) -> QueryResponse:
+        """Answer a question from the current memory; the answer names the memory version that gave it."""
+        if len(request.question) > settings.max_question_chars:
+            raise HTTPException(
+                413,
+                f"question is {len(request.question)} characters, "
+                f"over the limit of {settings.max_question_chars}",
+            )
+        if request.max_new_tokens > settings.max_new_tokens:
+            raise HTTPException(
+                422,
+                f"max_new_tokens is {request.max_new_tokens}, over the limit of {settings.max_new_tokens}",
+            )
+        started = time.perf_counter()
+        answer, memory_version = state.answer(request.question, request.max_new_tokens)
+        metrics.observe_query(time.perf_counter() - started)
+        return QueryResponse(answer=answer, memory_version=memory_version)
+
+    @app.post("/v1/inject", dependencies=[Depends(require_write)])
+    def inject(request: InjectRequest) -> InjectResponse:
+        """Apply a batch of documents to memory, in order; doc_ids already applied are skipped."""
+        if len(request.documents) > settings.max_batch_documents:
+            raise HTTPException(
+                413,
+                f"batch has {len(request.documents)} documents, "
+                f"over the limit of {settings.max_batch_documents}",
+            )
+        for document in request.documents:
+            if len(document.text) > settings.max_text_chars:
+                raise HTTPException(
+                    413,
+                    f"document {document.doc_id!r} has {len(document.text)} characters, "
+                    f"over the limit of {settings.max_text_chars}",
+                )
+        result = state.apply(request.documents)
+        metrics.observe_batch(
+            result.injections, len(result.applied), len(result.skipped), result.memory_version
+        )
+        return InjectResponse(
+            applied=result.applied,
+            skipped_duplicates=result.skipped,
+            injections=result.injections,
+            memory_version=result.memory_version,
+            injection_ms=result.injection_ms,
+        )
+
+    @app.post("/v1/snapshots", dependencies=[Depends(require_write)])
+    def write_snapshot() -> SnapshotResponse:
+        """Write a snapshot of the current state (memory, ledger, offsets) now."""
+        info = state.snapshot()
+        metrics.observe_snapshot()
+        return _snapshot_response(info)
+
+    @app.get("/v1/snapshots", dependencies=[Depends(require_read)])
+    def snapshots() -> SnapshotListResponse:
+        """The snapshots on disk, newest first."""
+        infos = list_snapshots(settings.snapshot_root)
+        return SnapshotListResponse(snapshots=[_snapshot_response(info) for info in infos])
+
+    @app.get("/v1/memory", dependencies=[Depends(require_read)])
+    def memory() -> MemoryResponse:
+        """The current memory version, injection count, ledger size and last Kafka offsets."""
+        view = state.view()
+        return MemoryResponse(
+            memory_version=view.memory_version,
+            injections=view.injections,
+            documents_applied=view.documents_applied,
+            last_offsets=view.last_offsets,
+        )
+
+    @app.get("/v1/health", dependencies=[Depends(require_read)])
+    def health() -> HealthResponse:
+        """The server is up; what it serves and its limits."""
+        return HealthResponse(
+            status="ok",
+            memory_version=state.view().memory_version,
+            checkpoint=str(settings.checkpoint),
+            device=state.runner.device,
+            dtype=state.runner.dtype,
+            context_tokens=state.context_tokens,
+            writes_enabled=settings.write_token is not None,
+            limits=Limits(
+                max_question_chars=settings.max_question_chars,
+                max_new_tokens=settings.max_new_tokens,
+                max_batch_documents=settings.max_batch_documents,
+                max_text_chars=settings.max_text_chars,
+            ),
+        )
+
+    @app.get("/metrics", dependencies=[Depends(require_read)], response_class=Response)
+    def prometheus_metrics() -> Response:
+        """Prometheus metrics: queries, query latency, injections, documents, errors."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+def _check_token(credentials: HTTPAuthorizationCredentials | None, accepted: tuple[str, ...]) -> None:
+    if credentials is None:
+        raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+    if not any(hmac.compare_digest(credentials.credentials.encode(), t.encode()) for t in accepted):
+        raise HTTPException(401, "invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+
+def _snapshot_response(info: SnapshotInfo) -> SnapshotResponse:
+    return SnapshotResponse(
+        id=info.id, path=str(info.path), memory_version=info.memory_version, created_at=info.created_at
+    )

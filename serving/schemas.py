@@ -1,0 +1,86 @@
+"""Request and response bodies of the model server's HTTP API (shared by the server and its client).
+
+The server's limits (question length, batch size, text size, max_new_tokens) are settings, reported by
+`GET /v1/health`; exceeding one is a 413 or 422 with a message naming the limit.
+"""
+
+from datetime import datetime
+
+from pydantic import BaseModel, Field, field_validator
+
+
+class QueryRequest(BaseModel):
+    question: str = Field(min_length=1, description="Plain text; the server builds the prompt.")
+    max_new_tokens: int = Field(32, ge=1, description="Most tokens to generate for the answer.")
+
+
+class QueryResponse(BaseModel):
+    answer: str = Field(description="The generated answer, up to its first newline.")
+    memory_version: int = Field(description="The memory version that answered.")
+
+
+class InjectDocument(BaseModel):
+    doc_id: str = Field(min_length=1, description="Unique id; a doc_id already applied is skipped.")
+    text: str = Field(min_length=1, description="The document text; injected as consecutive contexts.")
+    source: str | None = None
+    published_at: str | None = Field(None, description="ISO-8601 date or date-time.")
+    topic: str = Field(min_length=1, description="Kafka topic the document was consumed from.")
+    partition: int = Field(ge=0, description="Kafka partition.")
+    offset: int = Field(ge=0, description="Kafka offset of the document's message.")
+
+    @field_validator("doc_id", "text")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must contain non-whitespace text")
+        return value
+
+
+class InjectRequest(BaseModel):
+    documents: list[InjectDocument] = Field(description="Applied in order; at most the server's batch limit.")
+
+
+class InjectResponse(BaseModel):
+    applied: list[str] = Field(description="doc_ids applied by this batch, in order.")
+    skipped_duplicates: list[str] = Field(description="doc_ids applied before or repeated in the batch.")
+    injections: int = Field(description="Contexts injected by this batch.")
+    memory_version: int = Field(description="Memory version after the batch.")
+    injection_ms: float = Field(description="Time spent computing the batch's memory update.")
+
+
+class MemoryResponse(BaseModel):
+    memory_version: int
+    injections: int = Field(description="Contexts injected since the model's memory was empty.")
+    documents_applied: int = Field(description="Size of the applied-doc ledger.")
+    last_offsets: dict[str, dict[int, int]] = Field(
+        description="Last applied Kafka offset per topic and partition."
+    )
+
+
+class SnapshotResponse(BaseModel):
+    id: str
+    path: str
+    memory_version: int
+    created_at: datetime
+
+
+class SnapshotListResponse(BaseModel):
+    snapshots: list[SnapshotResponse] = Field(description="Newest first.")
+
+
+class Limits(BaseModel):
+    max_question_chars: int
+    max_new_tokens: int
+    max_batch_documents: int
+    max_text_chars: int
+
+
+class HealthResponse(BaseModel):
+    status: str
+    memory_version: int
+    checkpoint: str
+    device: str
+    dtype: str
+    context_tokens: int = Field(description="Most tokens per injected context.")
+    writes_enabled: bool = Field(description="False when the server has no write token configured.")
+    limits: Limits

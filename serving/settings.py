@@ -1,0 +1,35 @@
+"""Every knob of the model server in one object: where the model and snapshots are, tokens, limits."""
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+WRITE_TOKEN_ENV = "CKL_WRITE_TOKEN"
+READ_TOKEN_ENV = "CKL_READ_TOKEN"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The server's configuration; `from_environment` fills the tokens from CKL_WRITE_TOKEN/CKL_READ_TOKEN."""
+
+    checkpoint: Path
+    snapshot_root: Path
+    device: str | None = None  # None: the best available (cuda if present, else cpu)
+    dtype: str = "auto"  # "auto": the checkpoint's own dtype
+    context_tokens: int | None = None  # None: derived from the checkpoint's window
+    write_token: str | None = field(default=None, repr=False)
+    read_token: str | None = field(default=None, repr=False)
+    max_question_chars: int = 2_000
+    max_new_tokens: int = 256
+    max_batch_documents: int = 512
+    max_text_chars: int = 200_000
+    query_concurrency: int = 1  # generations running at once; more only helps on a GPU
+
+    @classmethod
+    def from_environment(cls, **values: object) -> "ServerSettings":
+        """Settings with the tokens read from the environment (unset or empty: None)."""
+        return cls(
+            write_token=os.environ.get(WRITE_TOKEN_ENV) or None,
+            read_token=os.environ.get(READ_TOKEN_ENV) or None,
+            **values,
+        )

@@ -1,0 +1,443 @@
+"""The model server: snapshots on disk, turn-taking, and a real `ckl serve` subprocess with a tiny random
+model (queries, idempotent injection, tokens, limits, restart after SIGKILL, corrupt snapshots, load)."""
+
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from model_server import WRITE_TOKEN, ServerProcess, make_tiny_checkpoint
+
+from serving.client import ModelServerClient, ServerError
+from serving.runner import ModelRunner
+from serving.schemas import InjectDocument
+from serving.snapshots import (
+    LEDGER_FILE,
+    MEMORY_FILE,
+    TEMP_PREFIX,
+    CorruptSnapshot,
+    latest_valid,
+    list_snapshots,
+    prune,
+    read_snapshot,
+    write_snapshot,
+)
+from serving.state import LiveState, NoValidSnapshot
+from serving.turns import ModelTurns
+
+CONTEXT_TOKENS = 16
+SENTENCES = [
+    "Ada Lovelace was born in London in 1815.",
+    "The river flows north through the valley to the sea.",
+    "Millbrook is the town on its bank, known for its mills.",
+    "Kafka topics hold documents that the server injects in order.",
+]
+
+
+def document(doc_id: str, offset: int, sentences: int = 2, partition: int = 0) -> dict:
+    text = " ".join(SENTENCES[(offset + i) % len(SENTENCES)] for i in range(sentences))
+    return {"doc_id": doc_id, "text": text, "topic": "ckl.docs", "partition": partition, "offset": offset}
+
+
+def flip_byte(path: Path, position: int = -1) -> None:
+    data = bytearray(path.read_bytes())
+    data[position] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+# ----------------------------------------------------------------------------------------- snapshots on disk
+
+
+def fake_memory(content: bytes = b"pool bytes"):
+    def write(path: Path) -> None:
+        path.write_bytes(content)
+
+    return write
+
+
+def snapshot_at(root: Path, version: int, doc_ids=("a", "b")) -> Path:
+    return write_snapshot(
+        root,
+        memory_version=version,
+        injections=3 * version,
+        write_memory=fake_memory(f"pool {version}".encode()),
+        applied_doc_ids=set(doc_ids),
+        last_offsets={"ckl.docs": {0: 41, 2: 7}},
+    ).path
+
+
+def test_snapshot_round_trip_keeps_ledger_offsets_and_counts(tmp_path):
+    path = snapshot_at(tmp_path, 7, doc_ids=("b", "a"))
+    contents = read_snapshot(list_snapshots(tmp_path)[0])
+    assert contents.info.path == path and contents.info.memory_version == 7
+    assert contents.injections == 21
+    assert contents.applied_doc_ids == {"a", "b"}
+    assert contents.last_offsets == {"ckl.docs": {0: 41, 2: 7}}
+    assert contents.memory_path.read_bytes() == b"pool 7"
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert set(manifest["files"]) == {MEMORY_FILE, LEDGER_FILE, "offsets.json"}
+
+
+@pytest.mark.parametrize("damage", ["flip memory byte", "edit ledger", "delete memory", "truncate manifest"])
+def test_damaged_snapshot_is_refused_naming_what_is_wrong(tmp_path, damage):
+    path = snapshot_at(tmp_path, 1)
+    if damage == "flip memory byte":
+        flip_byte(path / MEMORY_FILE)
+        expected = f"{MEMORY_FILE}: sha256"
+    elif damage == "edit ledger":
+        (path / LEDGER_FILE).write_text('["a", "b", "c"]')
+        expected = f"{LEDGER_FILE}: sha256"
+    elif damage == "delete memory":
+        (path / MEMORY_FILE).unlink()
+        expected = f"{MEMORY_FILE}: missing"
+    else:
+        (path / "manifest.json").write_text('{"format": 1, "memory_')
+        expected = "manifest.json: unreadable"
+    with pytest.raises(CorruptSnapshot, match=re.escape(expected)):
+        read_snapshot(list_snapshots(tmp_path)[0])
+
+
+def test_latest_valid_skips_a_corrupt_newest_snapshot_with_a_logged_reason(tmp_path, caplog):
+    snapshot_at(tmp_path, 1)
+    newest = snapshot_at(tmp_path, 2)
+    flip_byte(newest / MEMORY_FILE)
+    with caplog.at_level(logging.ERROR, logger="serving.snapshots"):
+        restored = latest_valid(tmp_path)
+    assert restored.info.memory_version == 1
+    assert f"refusing corrupt snapshot {newest}" in caplog.text
+
+
+def test_failed_write_leaves_neither_snapshot_nor_temporary_directory(tmp_path):
+    def failing_memory(path: Path) -> None:
+        path.write_bytes(b"half a po")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_snapshot(tmp_path, memory_version=1, injections=1, write_memory=failing_memory,
+                       applied_doc_ids={"a"}, last_offsets={})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prune_keeps_the_newest_valid_snapshots_and_removes_stale_temporaries(tmp_path):
+    paths = [snapshot_at(tmp_path, version) for version in range(1, 6)]
+    flip_byte(paths[-1] / MEMORY_FILE)  # the newest is corrupt: kept for inspection, not counted
+    stale = tmp_path / f"{TEMP_PREFIX}000000000006-crashed"
+    stale.mkdir()
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    fresh = tmp_path / f"{TEMP_PREFIX}000000000006-being-written"
+    fresh.mkdir()
+
+    removed = prune(tmp_path, keep_last=2)
+
+    assert sorted(removed) == sorted([paths[0], paths[1], stale])
+    assert [info.memory_version for info in list_snapshots(tmp_path)] == [5, 4, 3]
+    assert fresh.exists()
+    assert latest_valid(tmp_path).info.memory_version == 4
+
+
+# -------------------------------------------------------------------------------------------- turn-taking
+
+
+def test_writer_and_waiting_queries_alternate_turns():
+    turns = ModelTurns()
+    order: list[str] = []
+    release_first = threading.Event()
+
+    def first_query() -> None:
+        with turns.query():
+            release_first.wait()
+
+    def query(name: str) -> None:
+        with turns.query():
+            order.append(name)
+            time.sleep(0.01)
+
+    def writer() -> None:
+        for step in range(3):
+            with turns.update():
+                order.append(f"W{step}")
+                time.sleep(0.01)
+
+    threads = [threading.Thread(target=first_query)]
+    threads[0].start()
+    time.sleep(0.05)
+    for name in ["q0", "q1", "q2", "q3", "q4"]:
+        threads.append(threading.Thread(target=query, args=(name,)))
+        threads[-1].start()
+        time.sleep(0.01)
+    threads.append(threading.Thread(target=writer))
+    threads[-1].start()
+    time.sleep(0.05)
+    release_first.set()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert order == ["W0", "q0", "W1", "q1", "W2", "q2", "q3", "q4"]
+
+
+# ------------------------------------------------------------------------------------- a real `ckl serve`
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"))
+
+
+def start_server(checkpoint: Path, state: Path, **options) -> ServerProcess:
+    extra_args = ["--context-tokens", str(CONTEXT_TOKENS)]
+    return ServerProcess(checkpoint, state, extra_args=extra_args, **options).start()
+
+
+@pytest.fixture
+def fresh_server(checkpoint, tmp_path) -> Iterator[ServerProcess]:
+    """A server of its own (its own snapshots) for tests that kill and restart it."""
+    server = start_server(checkpoint, tmp_path / "state")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory) -> Iterator[ServerProcess]:
+    server = start_server(checkpoint, tmp_path_factory.mktemp("serve-state"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def client(server) -> Iterator[ModelServerClient]:
+    with ModelServerClient(server.url, token=WRITE_TOKEN) as client:
+        yield client
+
+
+def test_query_returns_an_answer_and_the_memory_version(client):
+    result = client.query("Where was Ada Lovelace born?", max_new_tokens=8)
+    assert isinstance(result.answer, str) and "\n" not in result.answer
+    assert result.memory_version == client.memory().memory_version
+
+
+def test_inject_applies_each_doc_once_and_a_redelivery_changes_nothing(client):
+    before = client.memory()
+    batch = [document("inject-a", 10, sentences=3), document("inject-b", 11), document("inject-a", 12)]
+    expected_contexts = sum(
+        math.ceil(len(client_tokens) / CONTEXT_TOKENS) for client_tokens in _token_counts(client, batch[:2])
+    )
+
+    result = client.inject(batch)
+
+    assert result.applied == ["inject-a", "inject-b"]
+    assert result.skipped_duplicates == ["inject-a"]  # repeated within the batch: the first one counts
+    assert result.injections == expected_contexts and expected_contexts > 2
+    assert result.memory_version == before.memory_version + 1
+    after = client.memory()
+    assert after.injections == before.injections + expected_contexts
+    assert after.documents_applied == before.documents_applied + 2
+    assert after.last_offsets["ckl.docs"][0] >= 12
+
+    again = client.inject(batch[:2])
+
+    assert again.applied == [] and again.skipped_duplicates == ["inject-a", "inject-b"]
+    assert again.injections == 0 and again.memory_version == after.memory_version
+    assert client.memory() == after
+
+
+def _token_counts(client: ModelServerClient, documents: list[dict]) -> list[list[int]]:
+    """The documents' token ids, with the checkpoint's own tokenizer."""
+    from model.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(client.health().checkpoint)
+    return [tokenizer(d["text"], add_special_tokens=False).input_ids for d in documents]
+
+
+def test_writes_need_the_bearer_token_and_reads_are_open(server):
+    body = {"documents": [document("token-doc", 1)]}
+    missing = httpx.post(f"{server.url}/v1/inject", json=body)
+    wrong = httpx.post(f"{server.url}/v1/snapshots", headers={"Authorization": "Bearer nope"})
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+    assert "missing bearer token" in missing.json()["detail"]
+    assert wrong.status_code == 401 and "invalid bearer token" in wrong.json()["detail"]
+    query = {"question": "Who?", "max_new_tokens": 2}
+    assert httpx.post(f"{server.url}/v1/query", json=query).status_code == 200
+    assert httpx.get(f"{server.url}/v1/memory").json()["documents_applied"] >= 0
+    with ModelServerClient(server.url) as anonymous, pytest.raises(ServerError) as error:
+        anonymous.inject([document("token-doc", 1)])
+    assert error.value.status == 401
+
+
+def test_limits_are_refused_with_clear_4xx_messages(server):
+    limits = httpx.get(f"{server.url}/v1/health").json()["limits"]
+    headers = {"Authorization": f"Bearer {WRITE_TOKEN}"}
+    too_many = [document(f"d{i}", i) for i in range(limits["max_batch_documents"] + 1)]
+    cases = [
+        ("/v1/query", {"question": "x" * (limits["max_question_chars"] + 1)}, 413, "over the limit of"),
+        ("/v1/query", {"question": "Who?", "max_new_tokens": limits["max_new_tokens"] + 1}, 422, "max_new"),
+        ("/v1/query", {"question": ""}, 422, "at least 1 character"),
+        ("/v1/inject", {"documents": too_many}, 413, "documents, over the limit"),
+        ("/v1/inject", {"documents": [{**document("big", 1), "text": "y" * (limits["max_text_chars"] + 1)}]},
+         413, "'big' has"),
+        ("/v1/inject", {"documents": [{**document("blank", 1), "text": "   "}]}, 422, "non-whitespace"),
+        ("/v1/inject", {"documents": [{"doc_id": "no-offset", "text": "t", "topic": "t", "partition": 0}]},
+         422, "offset"),
+    ]
+    memory_before = httpx.get(f"{server.url}/v1/memory").json()
+    for path, body, status, message in cases:
+        response = httpx.post(f"{server.url}{path}", json=body, headers=headers)
+        assert response.status_code == status, (path, response.text)
+        assert message in response.text, (path, response.text)
+    assert httpx.get(f"{server.url}/v1/memory").json() == memory_before
+
+
+def test_metrics_are_in_prometheus_text_format(server, client):
+    client.query("Where is Millbrook?", max_new_tokens=2)
+    httpx.post(f"{server.url}/v1/inject", json={"documents": []})  # 401: counted as an error
+    response = httpx.get(f"{server.url}/metrics")
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+
+    samples: dict[str, float] = {}
+    types: dict[str, str] = {}
+    for line in response.text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            types[name] = kind
+        elif not line.startswith("# HELP "):
+            match = re.fullmatch(r'([a-z_]+)(\{[a-z_]+="[^"]*"(?:,[a-z_]+="[^"]*")*\})? (\S+)', line)
+            assert match, f"not a sample line: {line!r}"
+            samples[match.group(1) + (match.group(2) or "")] = float(match.group(3))
+
+    assert types["ckl_query_latency_seconds"] == "histogram" and types["ckl_queries_total"] == "counter"
+    assert samples["ckl_queries_total"] >= 1
+    buckets = [value for key, value in samples.items() if key.startswith("ckl_query_latency_seconds_bucket")]
+    assert buckets == sorted(buckets) and buckets[-1] == samples["ckl_query_latency_seconds_count"]
+    assert samples['ckl_errors_total{path="/v1/inject",status="401"}'] >= 1
+    for name in ("ckl_injections_total", "ckl_documents_applied_total", "ckl_memory_version"):
+        assert name in samples
+
+
+def test_queries_during_a_batch_see_the_old_or_the_new_memory_never_errors(server, client):
+    before = client.memory()
+    batch = [document(f"concurrent-{i}", 100 + i, sentences=4, partition=1) for i in range(20)]
+    done = threading.Event()
+    inject_window: list[float] = []
+    answers: list[tuple[float, int]] = []  # (completion time, memory version)
+    memory_views: list[tuple[int, int, int]] = []
+    errors: list[str] = []
+
+    def inject() -> None:
+        inject_window.append(time.monotonic())
+        try:
+            client.inject(batch)
+        finally:
+            inject_window.append(time.monotonic())
+            done.set()
+
+    def ask(index: int) -> None:
+        with ModelServerClient(server.url) as reader:
+            while True:
+                finished = done.is_set()
+                try:
+                    result = reader.query(f"Question {index}: where does the river flow?", max_new_tokens=4)
+                    answers.append((time.monotonic(), result.memory_version))
+                except Exception as error:  # any failure is what this test looks for
+                    errors.append(repr(error))
+                if finished:
+                    return
+
+    def watch_memory() -> None:
+        with ModelServerClient(server.url) as reader:
+            while not done.is_set():
+                view = reader.memory()
+                memory_views.append((view.memory_version, view.injections, view.documents_applied))
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(50)]
+    threads.append(threading.Thread(target=watch_memory))
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)  # the query clients are busy before the batch arrives
+    injector = threading.Thread(target=inject)
+    injector.start()
+    for thread in [injector, *threads]:
+        thread.join(timeout=120)
+
+    after = client.memory()
+    assert not errors
+    assert after.memory_version == before.memory_version + 1
+    assert after.documents_applied == before.documents_applied + 20
+    assert {version for _, version in answers} == {before.memory_version, after.memory_version}
+    started, finished = inject_window
+    assert any(started < at < finished for at, version in answers if version == before.memory_version)
+    old_view = (before.memory_version, before.injections, before.documents_applied)
+    new_view = (after.memory_version, after.injections, after.documents_applied)
+    assert set(memory_views) <= {old_view, new_view}
+
+
+def test_snapshot_then_sigkill_then_restart_restores_the_same_state_and_answers(fresh_server):
+    question = "Where was Ada Lovelace born?"
+    with ModelServerClient(fresh_server.url, token=WRITE_TOKEN) as client:
+        client.inject([document("kept-a", 5, sentences=3), document("kept-b", 3, partition=2)])
+        state_before, answer_before = client.memory(), client.query(question, max_new_tokens=8)
+        snapshot = client.snapshot()
+        assert [s.id for s in client.snapshots()] == [snapshot.id]
+        assert snapshot.memory_version == state_before.memory_version == 1
+
+    fresh_server.kill()
+    fresh_server.start()
+
+    with ModelServerClient(fresh_server.url, token=WRITE_TOKEN) as client:
+        assert client.memory() == state_before
+        assert client.memory().last_offsets == {"ckl.docs": {0: 5, 2: 3}}
+        assert client.query(question, max_new_tokens=8) == answer_before
+        redelivered = client.inject([document("kept-a", 5, sentences=3), document("kept-b", 3, partition=2)])
+        assert redelivered.applied == [] and client.memory() == state_before
+    assert f"restored snapshot {snapshot.path}" in fresh_server.log()
+
+
+def test_corrupt_newest_snapshot_is_refused_and_the_previous_valid_one_restored(fresh_server):
+    with ModelServerClient(fresh_server.url, token=WRITE_TOKEN) as client:
+        client.inject([document("first", 1)])
+        first_state, first = client.memory(), client.snapshot()
+        client.inject([document("second", 2)])
+        second = client.snapshot()
+    fresh_server.kill()
+    flip_byte(Path(second.path) / MEMORY_FILE)
+
+    fresh_server.start()
+
+    log = fresh_server.log()
+    assert f"refusing corrupt snapshot {second.path}: {MEMORY_FILE}: sha256" in log
+    assert f"restored snapshot {first.path}" in log
+    with ModelServerClient(fresh_server.url, token=WRITE_TOKEN) as client:
+        assert client.memory() == first_state
+        assert client.inject([document("second", 2)]).applied == ["second"]
+
+
+def test_restore_refuses_to_start_empty_when_no_snapshot_verifies(checkpoint, tmp_path):
+    runner = ModelRunner(checkpoint)
+    writer = LiveState(runner, tmp_path, CONTEXT_TOKENS)
+    writer.apply([InjectDocument(**document("only", 1))])
+    only = writer.snapshot()
+    (only.path / LEDGER_FILE).write_text("[]")
+
+    with pytest.raises(NoValidSnapshot, match=f"none of the 1 snapshots in {tmp_path}"):
+        LiveState(runner, tmp_path, CONTEXT_TOKENS).restore()
+
+
+def test_without_write_token_writes_are_refused_and_a_read_token_guards_reads(checkpoint, tmp_path):
+    server = start_server(checkpoint, tmp_path / "state", write_token=None, read_token="reader")
+    try:
+        assert httpx.get(f"{server.url}/v1/memory").status_code == 401
+        with ModelServerClient(server.url, token="reader") as reader:
+            assert reader.health().writes_enabled is False
+            with pytest.raises(ServerError) as refused:
+                reader.inject([document("nope", 1)])
+        assert refused.value.status == 503 and "CKL_WRITE_TOKEN" in str(refused.value)
+    finally:
+        server.stop()
