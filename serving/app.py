@@ -7,6 +7,8 @@ and are refused with 503 when the server has none. The OpenAPI page (`/docs`) do
 
 import hmac
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
@@ -31,12 +33,25 @@ from serving.state import LiveState
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
 
 
-def create_app(state: LiveState, settings: ServerSettings, metrics: ServerMetrics) -> FastAPI:
-    """The API over a loaded live state."""
+def create_app(
+    state: LiveState,
+    settings: ServerSettings,
+    metrics: ServerMetrics,
+    on_shutdown: Callable[[], None] | None = None,
+) -> FastAPI:
+    """The API over a loaded live state; `on_shutdown` runs when the server shuts down gracefully."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if on_shutdown is not None:
+            on_shutdown()
+
     app = FastAPI(
         title="ckl model server",
         version="1",
         description="Ask the live MemoryLLM questions; inject documents into its memory; snapshot its state.",
+        lifespan=lifespan,
     )
 
     def require_write(credentials: Credentials) -> None:

@@ -3,6 +3,7 @@
 On start it loads the checkpoint, restores the newest valid snapshot (refusing corrupt ones), binds the
 port and writes `<state dir>/server.json` ({"pid", "url", ...}) so other commands can find it. Writes
 need the token in CKL_WRITE_TOKEN; without it the server answers queries but refuses writes.
+`ckl serve --stop` stops the server that server.json names.
 """
 
 import argparse
@@ -12,8 +13,9 @@ import os
 import socket
 from pathlib import Path
 
+from serving.settings import DEFAULT_CHECKPOINT
+
 DEFAULT_PORT = 8400
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "model" / "default"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 log = logging.getLogger("ckl.serve")
@@ -32,13 +34,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model dtype (default: the checkpoint's)")
     parser.add_argument("--context-tokens", type=int, default=None,
                         help="most tokens per injected context (default: the checkpoint's window)")
+    parser.add_argument("--stop", action="store_true",
+                        help="stop the server this state dir's server.json names, and exit")
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipelines.paths import state_dir
+
+    if args.stop:
+        from serving.process import stop_running_server
+
+        stopped = stop_running_server(state_dir())
+        print("model server stopped" if stopped else "no model server running")
+        return 0
+
     import uvicorn
 
-    from pipelines.paths import state_dir
     from serving.app import create_app
     from serving.client import SERVER_FILE
     from serving.metrics import ServerMetrics
@@ -72,20 +84,17 @@ def run(args: argparse.Namespace) -> int:
         log.info("no snapshot in %s: starting from the checkpoint's memory", settings.snapshot_root)
     metrics = ServerMetrics()
     metrics.set_memory_version(state.view().memory_version)
-    app = create_app(state, settings, metrics)
+    server_file = state_dir() / SERVER_FILE
+    app = create_app(state, settings, metrics, on_shutdown=lambda: _remove_server_file(server_file))
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
     url = f"http://{args.host}:{sock.getsockname()[1]}"
-    server_file = state_dir() / SERVER_FILE
     _write_server_file(server_file, {"pid": os.getpid(), "url": url, "checkpoint": str(settings.checkpoint),
                                      "snapshots": str(settings.snapshot_root)})
     log.info("serving %s at %s (API docs: %s/docs)", settings.checkpoint, url, url)
-    try:
-        uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False)).run(sockets=[sock])
-    finally:
-        _remove_server_file(server_file)
+    uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False)).run(sockets=[sock])
     return 0
 
 

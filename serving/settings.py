@@ -4,6 +4,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "model" / "default"  # the committed default model
 WRITE_TOKEN_ENV = "CKL_WRITE_TOKEN"
 READ_TOKEN_ENV = "CKL_READ_TOKEN"
 

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from model_server import WRITE_TOKEN, ServerProcess, make_tiny_checkpoint
+from tiny_checkpoint import make_tiny_checkpoint
 
 from serving.client import ModelServerClient, ServerError
+from serving.process import ServerProcess
 from serving.runner import ModelRunner
 from serving.schemas import InjectDocument
 from serving.snapshots import (
@@ -33,6 +34,7 @@ from serving.state import LiveState, NoValidSnapshot
 from serving.turns import ModelTurns
 
 CONTEXT_TOKENS = 16
+WRITE_TOKEN = "test-write-token"
 SENTENCES = [
     "Ada Lovelace was born in London in 1815.",
     "The river flows north through the valley to the sea.",
@@ -189,9 +191,9 @@ def checkpoint(tmp_path_factory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"))
 
 
-def start_server(checkpoint: Path, state: Path, **options) -> ServerProcess:
+def start_server(checkpoint: Path, state: Path, write_token: str | None = WRITE_TOKEN, **options):
     extra_args = ["--context-tokens", str(CONTEXT_TOKENS)]
-    return ServerProcess(checkpoint, state, extra_args=extra_args, **options).start()
+    return ServerProcess(checkpoint, state, write_token, extra_args=extra_args, **options).start()
 
 
 @pytest.fixture
@@ -388,9 +390,11 @@ def test_snapshot_then_sigkill_then_restart_restores_the_same_state_and_answers(
         assert [s.id for s in client.snapshots()] == [snapshot.id]
         assert snapshot.memory_version == state_before.memory_version == 1
 
+    url = fresh_server.url
     fresh_server.kill()
     fresh_server.start()
 
+    assert fresh_server.url == url  # back on the same port: clients keep their URL
     with ModelServerClient(fresh_server.url, token=WRITE_TOKEN) as client:
         assert client.memory() == state_before
         assert client.memory().last_offsets == {"ckl.docs": {0: 5, 2: 3}}
@@ -441,3 +445,15 @@ def test_without_write_token_writes_are_refused_and_a_read_token_guards_reads(ch
         assert refused.value.status == 503 and "CKL_WRITE_TOKEN" in str(refused.value)
     finally:
         server.stop()
+
+
+def test_ckl_serve_stop_shuts_down_the_server_its_state_dir_names(checkpoint, tmp_path):
+    server = start_server(checkpoint, tmp_path / "state", detach=True)
+    try:
+        result = ServerProcess.run_ckl(["serve", "--stop"], env={**os.environ, "CKL_HOME": str(server.state)})
+        assert "model server stopped" in result.stdout
+        server.process.wait(timeout=30)
+        assert "Application shutdown complete" in server.log()
+        assert not (server.state / "server.json").exists()
+    finally:
+        server.kill()
