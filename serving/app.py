@@ -123,7 +123,8 @@ def create_app(
 
     @app.post("/v1/snapshots", dependencies=[Depends(require_write)])
     def write_snapshot() -> SnapshotResponse:
-        """Write a snapshot of the current state (memory, ledger, offsets) now."""
+        """Make the current state (memory, ledger, offsets) durable: a new snapshot, or the newest one if
+        nothing changed since it was written or restored."""
         info = state.snapshot()
         metrics.observe_snapshot()
         return _snapshot_response(info)

@@ -87,7 +87,7 @@ class ServerMetrics:
                     "Documents skipped as already applied (redeliveries).",
                     self._documents_skipped,
                 ),
-                *_single("ckl_snapshots_total", "counter", "Snapshots written.", self._snapshots),
+                *_single("ckl_snapshots_total", "counter", "Snapshot requests answered.", self._snapshots),
                 *_single("ckl_memory_version", "gauge", "Current memory version.", self._memory_version),
                 "# HELP ckl_errors_total Requests answered with an error status.",
                 "# TYPE ckl_errors_total counter",

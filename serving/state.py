@@ -12,7 +12,9 @@ Concurrency contract:
   an inference engine's shared workspaces and the model's adapter switch safe.)
 
 `memory_version` is the server's count of published memory updates (one per batch that applied a
-document); it is stored in snapshots, so a restored server reports the version it had.
+document); it is stored in snapshots, so a restored server reports the version it had. A snapshot
+request when nothing changed since the last snapshot (written or restored) returns that snapshot, so a
+caller can ask for one after every batch, duplicates-only batches included, at no cost.
 """
 
 import logging
@@ -71,6 +73,7 @@ class LiveState:
         self._model_turns = ModelTurns()
         self._ledger: set[str] = set()
         self._view = StateView(0, runner.num_injections, 0, {})
+        self._last_snapshot: SnapshotInfo | None = None  # holds the current state unless a batch changed it
 
     def view(self) -> StateView:
         """The current state as readers see it."""
@@ -111,6 +114,8 @@ class LiveState:
 
             view = self._view
             offsets = _advanced(view.last_offsets, documents)
+            if applied or offsets != view.last_offsets:
+                self._last_snapshot = None
             with self._model_turns.update():
                 if pool is not None:
                     self.runner.publish(pool, view.injections + len(contexts))
@@ -128,10 +133,15 @@ class LiveState:
             return BatchResult(applied, skipped, len(contexts), self._view.memory_version, injection_ms)
 
     def snapshot(self) -> SnapshotInfo:
-        """Write a snapshot of the current state (no batch can be half-way while it is written)."""
+        """A snapshot of the current state: the last one if it still holds it, else a new one.
+
+        No batch can be half-way while it is written.
+        """
         with self._write_lock:
+            if self._last_snapshot is not None and self._last_snapshot.path.is_dir():
+                return self._last_snapshot
             view = self._view
-            return write_snapshot(
+            self._last_snapshot = write_snapshot(
                 self.snapshot_root,
                 memory_version=view.memory_version,
                 injections=view.injections,
@@ -139,6 +149,7 @@ class LiveState:
                 applied_doc_ids=self._ledger,
                 last_offsets=view.last_offsets,
             )
+            return self._last_snapshot
 
     def restore(self) -> SnapshotInfo | None:
         """Load the newest snapshot that verifies, refusing corrupt ones; None if there are no snapshots.
@@ -171,6 +182,7 @@ class LiveState:
                     "restored snapshot %s: memory version %d, %d documents",
                     contents.info.path, contents.info.memory_version, len(self._ledger),
                 )
+                self._last_snapshot = contents.info
                 return contents.info
             existing = list_snapshots(self.snapshot_root)
             if existing:

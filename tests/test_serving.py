@@ -324,6 +324,17 @@ def test_metrics_are_in_prometheus_text_format(server, client):
         assert name in samples
 
 
+def test_openapi_page_documents_every_endpoint_and_the_bearer_scheme(server):
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    assert set(spec["paths"]) == {
+        "/v1/query", "/v1/inject", "/v1/snapshots", "/v1/memory", "/v1/health", "/metrics"
+    }
+    assert spec["paths"]["/v1/inject"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert "InjectDocument" in spec["components"]["schemas"]
+    assert httpx.get(f"{server.url}/docs").status_code == 200
+
+
 def test_queries_during_a_batch_see_the_old_or_the_new_memory_never_errors(server, client):
     before = client.memory()
     batch = [document(f"concurrent-{i}", 100 + i, sentences=4, partition=1) for i in range(20)]
@@ -387,6 +398,7 @@ def test_snapshot_then_sigkill_then_restart_restores_the_same_state_and_answers(
         client.inject([document("kept-a", 5, sentences=3), document("kept-b", 3, partition=2)])
         state_before, answer_before = client.memory(), client.query(question, max_new_tokens=8)
         snapshot = client.snapshot()
+        assert client.snapshot() == snapshot  # nothing changed: no second snapshot
         assert [s.id for s in client.snapshots()] == [snapshot.id]
         assert snapshot.memory_version == state_before.memory_version == 1
 
@@ -432,6 +444,19 @@ def test_restore_refuses_to_start_empty_when_no_snapshot_verifies(checkpoint, tm
 
     with pytest.raises(NoValidSnapshot, match=f"none of the 1 snapshots in {tmp_path}"):
         LiveState(runner, tmp_path, CONTEXT_TOKENS).restore()
+
+
+def test_snapshot_is_written_again_only_when_memory_ledger_or_offsets_changed(checkpoint, tmp_path):
+    state = LiveState(ModelRunner(checkpoint), tmp_path, CONTEXT_TOKENS)
+    state.apply([InjectDocument(**document("a", 1))])
+    first = state.snapshot()
+    assert state.snapshot() == first
+    state.apply([InjectDocument(**document("a", 1))])  # a redelivery at the same offset: no change
+    assert state.snapshot() == first
+    state.apply([InjectDocument(**document("a", 9))])  # a redelivery at a later offset moves the offsets
+    second = state.snapshot()
+    assert second != first and read_snapshot(second).last_offsets == {"ckl.docs": {0: 9}}
+    assert [info.path for info in list_snapshots(tmp_path)] == [second.path, first.path]
 
 
 def test_without_write_token_writes_are_refused_and_a_read_token_guards_reads(checkpoint, tmp_path):
