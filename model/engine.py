@@ -7,13 +7,13 @@ model of this project and a released MemoryLLM-7B/8B checkpoint from a local pat
 - Kernel injection stays off: the decoder layers are MemoryLLM's own (memory prefix in attention).
 - With tensor_parallel > 1, DeepSpeed's AutoTP shards every MemoryDecoderLayer by an explicit policy:
   q/k/v and gate/up by output rows, o/down by input columns with an all-reduce, and the lm_head. LoRA
-  adapters (the released checkpoints carry two) are sharded to match their base layer here, because
-  AutoTP would shard them as if they were ordinary layers. The memory pool, bos embedding and norms stay
-  whole on every rank; each rank computes the pool's keys/values of its own heads.
+  adapters (released checkpoints may carry two: injection and decoder) are sharded here to match their
+  base layer, because AutoTP would shard them as if they were ordinary layers. The memory pool, bos
+  embedding and norms stay whole on every rank; each rank computes the pool's keys/values of its heads.
 - Injections draw the dropped pool tokens from torch's CPU generator; with tensor_parallel > 1 its state
   is made equal on all ranks, so every rank keeps the same pool.
 - RoPE frequencies stay float32 in every dtype (as `from_pretrained` keeps them): DeepSpeed's cast would
-  round them, which shifts the rotation of the ~10^4 positions of a released pool.
+  round them, which shifts the rotation of the thousands of positions of a released pool.
 """
 
 import os
