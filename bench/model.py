@@ -9,8 +9,9 @@ What it measures (random weights; the costs do not depend on what the model lear
 - queries: one forward of a short prompt and a short greedy generation, with the K/V cache (the pool's
   keys/values projected once per pool version: the first query after an update pays it) and without
   (projected again at every forward pass, as the reference implementation does), at N in {0, 1k, 4k, 16k}.
-Times are medians over repeats after one warm-up run; peak memory is the largest rise of the process's
-resident memory over its level before the case (sampled every millisecond; on CUDA, the allocator's peak).
+Times are medians over repeated runs, the cases taking turns; peak memory is the largest rise of the
+process's resident memory during a case's warm-up run (sampled every millisecond; on CUDA, the
+allocator's peak).
 """
 
 import os
@@ -21,6 +22,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse
+import ctypes
+import ctypes.util
+import gc
 import statistics
 import threading
 import time
@@ -103,12 +107,22 @@ class PeakMemory:
             self._peak = max(self._peak, self._rss())
             time.sleep(0.001)
 
+    @staticmethod
+    def _release_free_memory() -> None:
+        """Hand freed heap memory back to the OS, so reusing it shows up as a rise (glibc only)."""
+        gc.collect()
+        libc_name = ctypes.util.find_library("c")
+        libc = ctypes.CDLL(libc_name) if libc_name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
         else:
+            self._release_free_memory()
             self._start = self._peak = self._rss()
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -131,20 +145,27 @@ class Measurement:
     peak_mib: float
 
 
-def measure(fn: Callable[[], object], repeats: int, device: torch.device) -> Measurement:
-    """Median wall time of `fn` over `repeats` runs (after a warm-up run) and the peak memory rise."""
-
-    def timed() -> float:
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - start) * 1000
-
-    with PeakMemory(device) as peak, torch.no_grad():
-        timed()  # warm-up
-        times = [timed() for _ in range(repeats)]
-    return Measurement(statistics.median(times), peak.peak_mib)
+def measure(
+    cases: dict[str, Callable[[], object]], repeats: int, device: torch.device
+) -> dict[str, Measurement]:
+    """Median wall time of each case over `repeats` timed rounds, after a warm-up round that measures its
+    memory rise (apart: releasing memory first would put page faults into the times). The cases take
+    turns within a round, so a change of load on the machine (other jobs) hits them alike."""
+    peaks = {}
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    with torch.no_grad():
+        for name, fn in cases.items():
+            with PeakMemory(device) as peak:
+                fn()
+            peaks[name] = peak.peak_mib
+        for _ in range(repeats):
+            for name, fn in cases.items():
+                start = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times[name].append((time.perf_counter() - start) * 1000)
+    return {name: Measurement(statistics.median(times[name]), peaks[name]) for name in cases}
 
 
 # ---------------------------------------------------------------------------------------------- cases
@@ -153,6 +174,7 @@ def measure(fn: Callable[[], object], repeats: int, device: torch.device) -> Mea
 @dataclass(frozen=True)
 class InjectionRow:
     pool_size: int
+    bare_forward: Measurement
     injection: Measurement
 
 
@@ -166,33 +188,34 @@ class QueryRow:
     generate: dict[bool, Measurement]
 
 
-def context_ids(bench: BenchConfig, device: torch.device) -> torch.Tensor:
-    """The context every injection and the bare forward take: T random token ids, (1, T)."""
-    ids = torch.randint(bench.vocab, (1, bench.context_tokens), generator=torch.Generator().manual_seed(2))
-    return ids.to(device)
+def random_ids(length: int, bench: BenchConfig, seed: int, device: torch.device) -> torch.Tensor:
+    """(1, length) random token ids."""
+    return torch.randint(bench.vocab, (1, length), generator=torch.Generator().manual_seed(seed)).to(device)
 
 
-def measure_bare_forward(bench: BenchConfig, device: torch.device, dtype: torch.dtype) -> Measurement:
-    """The T context tokens through the decoder without memory (logits of the last token only)."""
-    model = build_model(bench, 0, device, dtype)
-    context = context_ids(bench, device)
-    return measure(lambda: model(context, use_cache=False, logits_to_keep=1), bench.repeats, device)
-
-
-def injection_row(model: MemoryLLM, bench: BenchConfig) -> InjectionRow:
-    """`inject_memory` of the context: forward with bos + K pool tokens in front, then the pool update."""
+def injection_row(model: MemoryLLM, bare_model: MemoryLLM, bench: BenchConfig) -> InjectionRow:
+    """`inject_memory` of a context (forward with bos + K pool tokens in front, then the pool update),
+    taking turns with a bare forward of the same tokens on a model without memory (logits of the last
+    token only)."""
     device = model.memory.device
-    context = context_ids(bench, device)
+    context = random_ids(bench.context_tokens, bench, 2, device)
     generator = torch.Generator().manual_seed(3)
-    injection = measure(lambda: model.inject_memory(context, generator=generator), bench.repeats, device)
-    return InjectionRow(model.config.pool_size, injection)
+    measured = measure(
+        {
+            "bare": lambda: bare_model(context, use_cache=False, logits_to_keep=1),
+            "injection": lambda: model.inject_memory(context, generator=generator),
+        },
+        bench.repeats,
+        device,
+    )
+    return InjectionRow(model.config.pool_size, measured["bare"], measured["injection"])
 
 
-def query_row(model: MemoryLLM, bench: BenchConfig, pool_size: int) -> QueryRow:
-    """A forward and a generation of the prompt, with and without the K/V cache; one cache build."""
+def query_row(model: MemoryLLM, bench: BenchConfig) -> QueryRow:
+    """One cache build, then a forward and a generation of the prompt with and without the K/V cache."""
     device = model.memory.device
-    prompt = torch.randint(bench.vocab, (1, bench.prompt_tokens), generator=torch.Generator().manual_seed(4))
-    prompt = prompt.to(device)
+    pool_size = model.config.pool_size if model.initialized else 0
+    prompt = random_ids(bench.prompt_tokens, bench, 4, device)
     mask = torch.ones_like(prompt)
     projection = None
     if pool_size:
@@ -201,33 +224,43 @@ def query_row(model: MemoryLLM, bench: BenchConfig, pool_size: int) -> QueryRow:
             model.clear_memory_cache()
             model.memory_kv()
 
-        projection = measure(build_cache, bench.repeats, device)
-    forward, generate = {}, {}
-    for cached in (True, False):
-        model.use_memory_cache = cached
-        if cached and pool_size:
-            model.memory_kv()  # built before: its size is reported apart, the peak is the query's own
-        else:
-            model.clear_memory_cache()
-        forward[cached] = measure(
-            lambda: model(prompt, attention_mask=mask, use_cache=False), bench.repeats, device
+        projection = measure({"projection": build_cache}, bench.repeats, device)["projection"]
+
+    def forward(cached: bool) -> None:
+        model(prompt, attention_mask=mask, use_cache=False, use_memory_cache=cached)
+
+    def generate(cached: bool) -> None:
+        model.use_memory_cache = cached  # generate's forward passes read it
+        model.generate(
+            prompt,
+            attention_mask=mask,
+            max_new_tokens=bench.new_tokens,
+            min_new_tokens=bench.new_tokens,
+            do_sample=False,
+            pad_token_id=0,
         )
-        generate[cached] = measure(
-            lambda: model.generate(
-                prompt,
-                attention_mask=mask,
-                max_new_tokens=bench.new_tokens,
-                min_new_tokens=bench.new_tokens,
-                do_sample=False,
-                pad_token_id=0,
-            ),
-            bench.repeats,
-            device,
-        )
-    model.use_memory_cache = True
+        model.use_memory_cache = True
+
+    measured = measure(
+        {
+            "forward cached": lambda: forward(True),
+            "forward uncached": lambda: forward(False),
+            "generate cached": lambda: generate(True),
+            "generate uncached": lambda: generate(False),
+        },
+        bench.repeats,
+        device,
+    )
     cache_mib = sum(k.nbytes + v.nbytes for k, v in model.memory_kv()) / MIB if pool_size else 0.0
     pool_mib = model.memory.nbytes / MIB if pool_size else 0.0
-    return QueryRow(pool_size, pool_mib, cache_mib, projection, forward, generate)
+    return QueryRow(
+        pool_size,
+        pool_mib,
+        cache_mib,
+        projection,
+        {cached: measured[f"forward {'cached' if cached else 'uncached'}"] for cached in (True, False)},
+        {cached: measured[f"generate {'cached' if cached else 'uncached'}"] for cached in (True, False)},
+    )
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -243,7 +276,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def injection_table(bench: BenchConfig, bare_forward: Measurement, rows: list[InjectionRow]) -> str:
+def injection_table(bench: BenchConfig, rows: list[InjectionRow]) -> str:
     header = [
         "pool N",
         f"bare forward, T={bench.context_tokens} (ms)",
@@ -257,10 +290,10 @@ def injection_table(bench: BenchConfig, bare_forward: Measurement, rows: list[In
         [
             [
                 size(row.pool_size),
-                f"{bare_forward.ms:.1f}",
+                f"{row.bare_forward.ms:.1f}",
                 f"{row.injection.ms:.1f}",
-                f"{row.injection.ms / bare_forward.ms:.2f}x",
-                f"{bare_forward.peak_mib:.0f}",
+                f"{row.injection.ms / row.bare_forward.ms:.2f}x",
+                f"{row.bare_forward.peak_mib:.0f}",
                 f"{row.injection.peak_mib:.0f}",
             ]
             for row in rows
@@ -303,22 +336,29 @@ def query_table(bench: BenchConfig, rows: list[QueryRow]) -> str:
 
 
 def growth_summary(rows: list[QueryRow]) -> str:
-    """What the largest pool adds to a forward, with and without the cache, next to its projection."""
+    """What the largest pool adds to a forward, with and without the cache, next to its projection; and
+    the noise floor: without a pool, cached and uncached run the same code."""
     smallest, largest = rows[0], rows[-1]
     cached = largest.forward[True].ms - smallest.forward[True].ms
     uncached = largest.forward[False].ms - smallest.forward[False].ms
-    return (
+    text = (
         f"From N={size(smallest.pool_size)} to N={size(largest.pool_size)}, a forward of the prompt costs "
         f"{cached:.1f} ms more with the cache (attention over the cached keys) and {uncached:.1f} ms more "
         f"without it, where the pool's projection alone takes {largest.projection.ms:.1f} ms."
     )
+    if smallest.pool_size == 0:
+        times = [smallest.forward[True].ms, smallest.forward[False].ms]
+        text += (
+            f" At N=0 both columns run the same code: their gap ({max(times) / min(times) - 1:.0%}) is the "
+            f"timing noise of this run."
+        )
+    return text
 
 
 def report(
     bench: BenchConfig,
     device: torch.device,
     dtype: torch.dtype,
-    bare_forward: Measurement,
     injections: list[InjectionRow],
     queries: list[QueryRow],
 ) -> str:
@@ -327,15 +367,15 @@ def report(
         f"Model: {b.layers} layers, d={b.hidden}, {b.heads} heads ({b.kv_heads} key/value), "
         f"MLP {b.intermediate}, vocab {b.vocab}, K={b.memory_tokens} tokens per injection; random weights. "
         f"{device.type}, {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} thread(s), torch "
-        f"{torch.__version__}. Medians of {b.repeats} runs after a warm-up; peak = largest rise of "
-        f"{'allocated' if device.type == 'cuda' else 'resident'} memory during the case."
+        f"{torch.__version__}. Medians of {b.repeats} runs, the cases of a table row taking turns; peak = "
+        f"largest rise of {'allocated' if device.type == 'cuda' else 'resident'} memory during a warm-up run."
     )
     return (
         f"{setup}\n\n"
         f"**Injection** of one context of T={b.context_tokens} tokens into a pool of N tokens (forward with "
         f"bos + K pool tokens in front, then the pool update), against a bare forward of the same tokens "
         f"without memory (logits of the last token only).\n\n"
-        f"{injection_table(bench, bare_forward, injections)}\n\n"
+        f"{injection_table(bench, injections)}\n\n"
         f"**Queries**: a prompt of {b.prompt_tokens} tokens; one forward, and a greedy generation of "
         f"{b.new_tokens} tokens. Cached: the pool's keys/values are projected once per pool version (the "
         f"projection column; paid by the first query after an update); uncached: projected again at every "
@@ -354,7 +394,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, ...")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
-    parser.add_argument("--repeats", type=int, help="runs per measurement (default 3, 1 with --quick)")
+    parser.add_argument("--repeats", type=int, help="timed runs per measurement (default 5, 1 with --quick)")
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--hidden", type=int, default=256)
     return parser.parse_args(argv)
@@ -376,22 +416,22 @@ def main(argv: list[str] | None = None) -> int:
         context_tokens=256,
         prompt_tokens=16,
         new_tokens=8,
-        repeats=args.repeats or (1 if args.quick else 3),
+        repeats=args.repeats or (1 if args.quick else 5),
         pool_sizes=POOL_SIZES[:3] if args.quick else POOL_SIZES,
     )
     injections, queries = [], []
-    bare_forward = measure_bare_forward(bench, device, dtype)
+    bare_model = build_model(bench, 0, device, dtype)
     for pool_size in tqdm(bench.pool_sizes, desc="pool sizes", unit="N"):
         model = build_model(bench, pool_size, device, dtype)
-        queries.append(query_row(model, bench, pool_size))
+        queries.append(query_row(model, bench))
         if pool_size:
-            injections.append(injection_row(model, bench))
+            injections.append(injection_row(model, bare_model, bench))
         del model
-    text = report(bench, device, dtype, bare_forward, injections, queries)
+    text = report(bench, device, dtype, injections, queries)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+        args.out.write_text(f"# MemoryLLM costs (`python bench/model.py`)\n\n{text}")
     return 0
 
 
