@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pipelines.paths import state_dir
+    from pipelines.paths import cache_dir, state_dir
 
     if args.stop:
         from serving.process import stop_running_server
@@ -69,12 +69,13 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         context_tokens=args.context_tokens,
+        cache_dir=cache_dir(),
     )
     if settings.write_token is None:
         log.warning("%s is not set: writes (inject, snapshot) will be refused", WRITE_TOKEN_ENV)
 
-    state = LiveState(ModelRunner(settings.checkpoint, settings.device, settings.dtype),
-                      settings.snapshot_root, settings.context_tokens)
+    runner = ModelRunner(settings.checkpoint, settings.device, settings.dtype, settings.cache_dir)
+    state = LiveState(runner, settings.snapshot_root, settings.context_tokens)
     try:
         restored = state.restore()
     except NoValidSnapshot as error:

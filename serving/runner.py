@@ -1,8 +1,9 @@
 """The one object that runs the model for the server: built from (checkpoint, device, dtype).
 
-It loads the MemoryLLM and its tokenizer, answers prompts from the live memory pool, computes a new pool
-for a context off to the side (the model's functional path, which leaves the live pool untouched), and
-publishes a finished pool. It holds no locks: `serving.state.LiveState` decides who runs when.
+It hosts the MemoryLLM through DeepSpeed inference (model/engine.py) with its tokenizer, answers prompts
+from the live memory pool, computes a new pool for a context off to the side (the model's functional
+path, which leaves the live pool untouched), and publishes a finished pool. It holds no locks:
+`serving.state.LiveState` decides who runs when.
 """
 
 import logging
@@ -10,34 +11,28 @@ from pathlib import Path
 
 import torch
 
-from model import MemoryLLM, MemoryState
+from model import MemoryState
+from model.engine import EngineConfig, load_engine
 from model.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 
-def default_device() -> str:
-    """The best device here: the first GPU if there is one, else the CPU."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_model(checkpoint: Path, device: str, dtype: str) -> MemoryLLM:
-    """A checkpoint's MemoryLLM in eval mode on `device`; dtype "auto" keeps the checkpoint's dtype."""
-    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    return MemoryLLM.from_pretrained(checkpoint, dtype=torch_dtype).to(device).eval()
-
-
 class ModelRunner:
-    """A loaded checkpoint: tokenizer, model, and the operations the server needs."""
+    """A hosted checkpoint: tokenizer, engine, and the operations the server needs.
 
-    def __init__(self, checkpoint: Path, device: str | None = None, dtype: str = "auto"):
-        if not (checkpoint / "config.json").is_file():
-            raise FileNotFoundError(f"no model checkpoint at {checkpoint} (config.json missing)")
-        self.device = device or default_device()
+    device None: this machine's GPU if it has one, else the CPU; dtype "auto": the checkpoint's own.
+    cache_dir: where DeepSpeed keeps the ops it builds (cache_dir/torch_extensions).
+    """
+
+    def __init__(self, checkpoint: Path, device: str | None = None, dtype: str = "auto",
+                 cache_dir: Path | None = None):
         self.tokenizer = load_tokenizer(checkpoint)
-        self.model = load_model(checkpoint, self.device, dtype)
-        self.dtype = str(self.model.dtype).removeprefix("torch.")
-        log.info("loaded %s on %s (%s)", checkpoint, self.device, self.dtype)
+        self.hosted = load_engine(checkpoint, EngineConfig(dtype=dtype, device=device, cache_dir=cache_dir))
+        self.model = self.hosted.model  # the MemoryLLM under the engine: memory state and injections
+        self.device = str(self.hosted.device)
+        self.dtype = str(self.hosted.dtype).removeprefix("torch.")
+        log.info("hosting %s on %s (%s) with DeepSpeed inference", checkpoint, self.device, self.dtype)
 
     @property
     def max_context_tokens(self) -> int:
@@ -52,7 +47,7 @@ class ModelRunner:
     def generate(self, prompt: str, max_new_tokens: int, stop: str = "\n") -> str:
         """Greedy continuation of `prompt` from the live memory, ending at `stop` or after max_new_tokens."""
         ids = torch.tensor([self.encode(prompt)], device=self.device)
-        output = self.model.generate(
+        output = self.hosted.generate(
             ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_new_tokens,

@@ -18,6 +18,7 @@ class ServerSettings:
     device: str | None = None  # None: the best available (cuda if present, else cpu)
     dtype: str = "auto"  # "auto": the checkpoint's own dtype
     context_tokens: int | None = None  # None: derived from the checkpoint's window
+    cache_dir: Path | None = None  # DeepSpeed's built ops go to cache_dir/torch_extensions
     write_token: str | None = field(default=None, repr=False)
     read_token: str | None = field(default=None, repr=False)
     max_question_chars: int = 2_000

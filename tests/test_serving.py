@@ -9,6 +9,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import httpx
@@ -16,9 +17,9 @@ import pytest
 from tiny_checkpoint import make_tiny_checkpoint
 
 from serving.client import ModelServerClient, ServerError
-from serving.process import ServerProcess
+from serving.process import ServerProcess, stop_running_server
 from serving.runner import ModelRunner
-from serving.schemas import InjectDocument
+from serving.schemas import InjectDocument, MemoryResponse
 from serving.snapshots import (
     LEDGER_FILE,
     MEMORY_FILE,
@@ -416,27 +417,39 @@ def test_snapshot_then_sigkill_then_restart_restores_the_same_state_and_answers(
     assert f"restored snapshot {snapshot.path}" in fresh_server.log()
 
 
-def test_corrupt_newest_snapshot_is_refused_and_the_previous_valid_one_restored(fresh_server):
-    with ModelServerClient(fresh_server.url, token=WRITE_TOKEN) as client:
-        client.inject([document("first", 1)])
-        first_state, first = client.memory(), client.snapshot()
-        client.inject([document("second", 2)])
-        second = client.snapshot()
-    fresh_server.kill()
-    flip_byte(Path(second.path) / MEMORY_FILE)
-
-    fresh_server.start()
-
-    log = fresh_server.log()
-    assert f"refusing corrupt snapshot {second.path}: {MEMORY_FILE}: sha256" in log
-    assert f"restored snapshot {first.path}" in log
-    with ModelServerClient(fresh_server.url, token=WRITE_TOKEN) as client:
-        assert client.memory() == first_state
-        assert client.inject([document("second", 2)]).applied == ["second"]
+@pytest.fixture
+def runner(checkpoint) -> Iterator[ModelRunner]:
+    """The tiny checkpoint hosted in this process; the distributed defaults DeepSpeed sets are undone."""
+    saved = dict(os.environ)
+    try:
+        yield ModelRunner(checkpoint)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
-def test_restore_refuses_to_start_empty_when_no_snapshot_verifies(checkpoint, tmp_path):
-    runner = ModelRunner(checkpoint)
+def test_corrupt_newest_snapshot_is_refused_and_the_previous_valid_one_restored(runner, checkpoint, tmp_path):
+    state_dir = tmp_path / "state"
+    writer = LiveState(runner, state_dir / "snapshots", CONTEXT_TOKENS)  # snapshots as a server writes them
+    writer.apply([InjectDocument(**document("first", 1))])
+    first_view, first = writer.view(), writer.snapshot()
+    writer.apply([InjectDocument(**document("second", 2))])
+    second = writer.snapshot()
+    flip_byte(second.path / MEMORY_FILE)
+
+    server = start_server(checkpoint, state_dir)
+    try:
+        log = server.log()
+        assert f"refusing corrupt snapshot {second.path}: {MEMORY_FILE}: sha256" in log
+        assert f"restored snapshot {first.path}" in log
+        with ModelServerClient(server.url, token=WRITE_TOKEN) as client:
+            assert client.memory() == MemoryResponse(**asdict(first_view))
+            assert client.inject([document("second", 2)]).applied == ["second"]
+    finally:
+        server.stop()
+
+
+def test_restore_refuses_to_start_empty_when_no_snapshot_verifies(runner, tmp_path):
     writer = LiveState(runner, tmp_path, CONTEXT_TOKENS)
     writer.apply([InjectDocument(**document("only", 1))])
     only = writer.snapshot()
@@ -446,8 +459,8 @@ def test_restore_refuses_to_start_empty_when_no_snapshot_verifies(checkpoint, tm
         LiveState(runner, tmp_path, CONTEXT_TOKENS).restore()
 
 
-def test_snapshot_is_written_again_only_when_memory_ledger_or_offsets_changed(checkpoint, tmp_path):
-    state = LiveState(ModelRunner(checkpoint), tmp_path, CONTEXT_TOKENS)
+def test_snapshot_is_written_again_only_when_memory_ledger_or_offsets_changed(runner, tmp_path):
+    state = LiveState(runner, tmp_path, CONTEXT_TOKENS)
     state.apply([InjectDocument(**document("a", 1))])
     first = state.snapshot()
     assert state.snapshot() == first
@@ -472,11 +485,10 @@ def test_without_write_token_writes_are_refused_and_a_read_token_guards_reads(ch
         server.stop()
 
 
-def test_ckl_serve_stop_shuts_down_the_server_its_state_dir_names(checkpoint, tmp_path):
+def test_stop_running_server_shuts_down_the_server_its_state_dir_names(checkpoint, tmp_path):
     server = start_server(checkpoint, tmp_path / "state", detach=True)
     try:
-        result = ServerProcess.run_ckl(["serve", "--stop"], env={**os.environ, "CKL_HOME": str(server.state)})
-        assert "model server stopped" in result.stdout
+        assert stop_running_server(server.state)  # what `ckl serve --stop` does
         server.process.wait(timeout=30)
         assert "Application shutdown complete" in server.log()
         assert not (server.state / "server.json").exists()
