@@ -7,7 +7,7 @@ and are refused with 503 when the server has none. The OpenAPI page (`/docs`) do
 
 import hmac
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated
 
@@ -64,14 +64,14 @@ def create_app(
             _check_token(credentials, tuple(t for t in (settings.read_token, settings.write_token) if t))
 
     @app.middleware("http")
-    async def count_errors(request: Request, call_next):  # noqa: ANN001, ANN202 (FastAPI middleware signature)
+    async def count_errors(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         try:
             response = await call_next(request)
         except Exception:
-            metrics.observe_error(request.url.path, 500)
+            metrics.observe_error(_route_path(request), 500)
             raise
         if response.status_code >= 400:
-            metrics.observe_error(request.url.path, response.status_code)
+            metrics.observe_error(_route_path(request), response.status_code)
         return response
 
     @app.post("/v1/query", dependencies=[Depends(require_read)])
@@ -178,6 +178,12 @@ def _check_token(credentials: HTTPAuthorizationCredentials | None, accepted: tup
         raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
     if not any(hmac.compare_digest(credentials.credentials.encode(), t.encode()) for t in accepted):
         raise HTTPException(401, "invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+
+def _route_path(request: Request) -> str:
+    """The matched route's path, or one label for every unknown path (bounded metric labels)."""
+    route = request.scope.get("route")
+    return getattr(route, "path", "unmatched")
 
 
 def _snapshot_response(info: SnapshotInfo) -> SnapshotResponse:

@@ -302,6 +302,7 @@ def test_limits_are_refused_with_clear_4xx_messages(server):
 def test_metrics_are_in_prometheus_text_format(server, client):
     client.query("Where is Millbrook?", max_new_tokens=2)
     httpx.post(f"{server.url}/v1/inject", json={"documents": []})  # 401: counted as an error
+    httpx.get(f"{server.url}/no/such/path/42")  # 404: counted under one label for all unknown paths
     response = httpx.get(f"{server.url}/metrics")
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
 
@@ -321,6 +322,8 @@ def test_metrics_are_in_prometheus_text_format(server, client):
     buckets = [value for key, value in samples.items() if key.startswith("ckl_query_latency_seconds_bucket")]
     assert buckets == sorted(buckets) and buckets[-1] == samples["ckl_query_latency_seconds_count"]
     assert samples['ckl_errors_total{path="/v1/inject",status="401"}'] >= 1
+    assert samples['ckl_errors_total{path="unmatched",status="404"}'] >= 1
+    assert "no/such/path" not in response.text
     for name in ("ckl_injections_total", "ckl_documents_applied_total", "ckl_memory_version"):
         assert name in samples
 
