@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "produce": ("pipelines.produce", "publish documents from a JSONL file to a Kafka topic"),
     "data": ("pipelines.data_cli", "generate data: `ckl data bios` (biographies with probes, filler text)"),
     "ingest": ("pipelines.ingest_cli", "consume documents from Kafka into the model server's memory"),
+    "train": ("pipelines.train_cli", "train a MemoryLLM with DeepSpeed (`--preset default`: model/default)"),
+    "eval": ("pipelines.eval_cli", "evaluate a model: `ckl eval retention` (recall after later injections)"),
     "serve": ("serving.cli", "run the model server: queries, memory injection and snapshots over HTTP"),
 }
 

@@ -1,0 +1,480 @@
+"""The training recipe of the default MemoryLLM: a reader first, then learning to store and look up by name.
+
+Stage A (reader, no memory): one to a few biographies in the sequence, then questions and answers about
+some of them; loss weight 1 on answer tokens and `context_weight` on every other token; plus plain LM on
+filler text. Without this stage, memory training from scratch stays at chance.
+
+Stage B (through memory): each step is one episode of the knowledge stream. A few biographies (and
+unrelated filler contexts) are injected in sequence into a running pool with gradients flowing through
+every injection (`MemoryLLM.updated_memory`), then questions about a random subset of the people in the
+pool are answered through `forward(memory=...)`: people of this episode at every position (not only the
+newest) and people of earlier episodes, whose tokens sit further back in the pool. Answering therefore
+needs lookup by name, not recency. The number of contexts per episode grows with a curriculum, and filler
+text is still modelled (through the memory) so the model stays a language model.
+
+The recipe is data-agnostic: a `Corpus` gives documents with their question/answer pairs and filler
+texts (pipelines/train_cli.py builds one from `ckl data bios`). Runs go through `deepspeed.initialize`
+with the ZeRO stage of a JSON config; device and dtype come from the TrainConfig.
+"""
+
+import dataclasses
+import json
+import os
+import random
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model.memory_pool import MemoryState
+from model.memoryllm import MemoryLLM, MemoryLLMConfig
+from model.prompts import format_question
+from model.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+
+DEFAULT_DS_CONFIG = Path(__file__).with_name("ds_config.json")
+TRAINER_STATE_FILE = "trainer_state.pt"
+TRAINING_SUMMARY_FILE = "training.json"
+PROGRESS_METRICS = ("loss", "answer_token_acc", "answer_exact_fresh", "answer_exact_older")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every knob of a run: model shape, memory size, recipe, schedule."""
+
+    # model
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 384
+    num_tokens: int = 128  # K, tokens per injection (>= a biography's length: every token is stored)
+    num_blocks: int = 16  # N = num_blocks x K, so (1 - K/N)^n decays by 1/16 per injection
+    max_position_embeddings: int = 2560
+    drop_memory_per_layer: bool = True
+    # recipe
+    reader_steps: int = 1500  # stage A
+    memory_steps: int = 2600  # stage B
+    reader_batch: int = 4
+    reader_max_people: int = 3
+    reader_questions: int = 8  # Q/A per stage-A sequence, about the biographies in it
+    context_weight: float = 0.2  # loss weight of question tokens (answers: 1)
+    reader_text_weight: float = 1.0  # stage A: loss weight of the biographies (names repeat: learns copying)
+    filler_rows: int = 2  # filler LM rows per step (both stages)
+    max_people: int = 4  # stage B curriculum: people per episode grows from 1 to this
+    max_fillers: int = 2  # unrelated contexts injected between people (0..this, grows too)
+    curriculum_steps: int = 300  # steps (of each stage) over which the numbers of contexts grow
+    questions_per_person: int = 2
+    old_questions: int = 4  # questions about people of earlier episodes still in the pool
+    max_old_age: int = 12  # ... injected at most this many injections ago
+    # optimisation
+    lr: float = 3e-3
+    memory_lr_scale: float = 0.5  # stage B learning rate = lr x this
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    seed: int = 0
+    checkpoint_every: int = 100
+    device: str = "auto"  # "auto": cuda if available, else cpu
+    dtype: str = "float32"
+    tokenizer_people: int = 4000  # biographies the tokenizer is trained on (plus filler)
+
+    @property
+    def total_steps(self) -> int:
+        return self.reader_steps + self.memory_steps
+
+
+PRESETS: dict[str, TrainConfig] = {
+    "default": TrainConfig(),
+    # a few-step smoke run (tests, CI): same recipe, tiny shapes
+    "tiny": TrainConfig(
+        vocab_size=320, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, num_tokens=16,
+        num_blocks=4, max_position_embeddings=320, reader_steps=3, memory_steps=3, reader_batch=2,
+        reader_max_people=2, max_people=2, max_fillers=1, old_questions=2, warmup_steps=2, curriculum_steps=2,
+        checkpoint_every=3, tokenizer_people=200,
+    ),
+}
+
+
+class Corpus(Protocol):
+    """Where training text comes from. Every call draws from `rng` only (so runs are deterministic)."""
+
+    def document(self, rng: random.Random) -> tuple[str, list[tuple[str, str]]]:
+        """A fact-bearing document (a biography) and its (question, answer) pairs."""
+
+    def filler(self, rng: random.Random) -> str:
+        """Plain text with no facts to learn."""
+
+
+# ------------------------------------------------------------------------------------------ environment
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> this rank's GPU when there is one, else the CPU; anything else as given."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def prepare_distributed_env(cache_dir: Path) -> None:
+    """Single-process defaults for what `deepspeed.initialize` needs (the launcher sets them on GPUs)."""
+    defaults = {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    for name, value in defaults.items():
+        os.environ.setdefault(name, value)
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir / "torch_extensions"))
+
+
+def build_model(config: TrainConfig, vocab_size: int) -> MemoryLLM:
+    """A fresh MemoryLLM of the config's shape (tied embeddings, uninitialised pool)."""
+    pool_size = config.num_blocks * config.num_tokens
+    model_config = MemoryLLMConfig(
+        vocab_size=vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads, max_position_embeddings=config.max_position_embeddings,
+        num_tokens=config.num_tokens, num_blocks=config.num_blocks, num_memory_tokens=pool_size,
+        drop_memory_per_layer=config.drop_memory_per_layer, tie_word_embeddings=True,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.02,
+    )
+    return MemoryLLM(model_config)
+
+
+# --------------------------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Rows:
+    """Token rows with per-token loss weights, padded into one batch by `to_batch`."""
+
+    ids: list[list[int]] = field(default_factory=list)
+    weights: list[list[float]] = field(default_factory=list)
+    answer_rows: list[bool] = field(default_factory=list)
+
+    def add(self, ids: list[int], weights: list[float], is_answer: bool = False) -> None:
+        self.ids.append(ids)
+        self.weights.append(weights)
+        self.answer_rows.append(is_answer)
+
+
+def to_batch(rows: Rows, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask, weights), right-padded with id 0 and weight 0: each (B, T)."""
+    length = max(len(r) for r in rows.ids)
+    ids = torch.zeros(len(rows.ids), length, dtype=torch.long)
+    mask = torch.zeros(len(rows.ids), length, dtype=torch.long)
+    weights = torch.zeros(len(rows.ids), length)
+    for i, (row, row_weights) in enumerate(zip(rows.ids, rows.weights, strict=True)):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+        weights[i, : len(row)] = torch.tensor(row_weights)
+    return ids.to(device), mask.to(device), weights.to(device)
+
+
+def weighted_loss(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor):
+    """Weighted next-token cross-entropy (the weight of token t+1 scores its prediction at t); also the
+    per-token correctness of the argmax, for answer accuracy."""
+    logits, targets, weights = logits[:, :-1], ids[:, 1:], weights[:, 1:]
+    losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, T-1)
+    loss = (losses * weights).sum() / weights.sum().clamp(min=1e-6)
+    return loss, logits.argmax(-1) == targets, weights
+
+
+class Encoder:
+    """Text -> ids (no special tokens: memory and queries carry none) and Q/A rows with loss weights."""
+
+    def __init__(self, tokenizer, context_weight: float):
+        self.tokenizer = tokenizer
+        self.context_weight = context_weight
+
+    def __call__(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def qa(self, question: str, answer: str) -> tuple[list[int], list[float]]:
+        """The Q/A of model.prompts: the prompt as evaluation encodes it, then the answer and its newline."""
+        prompt, reply = self(format_question(question)), self(f" {answer.strip()}\n")
+        return prompt + reply, [self.context_weight] * len(prompt) + [1.0] * len(reply)
+
+    def text(self, text: str, weight: float) -> tuple[list[int], list[float]]:
+        ids = self(text)
+        return ids, [weight] * len(ids)
+
+
+# --------------------------------------------------------------------------------------------- trainer
+
+
+@dataclass
+class PoolEntry:
+    """A person whose biography went into the running pool, and when (global injection index)."""
+
+    qas: list[tuple[str, str]]
+    injection: int
+
+
+class Trainer:
+    """One run: model + DeepSpeed engine + the running memory pool of stage B + all random state."""
+
+    def __init__(self, config: TrainConfig, corpus: Corpus, tokenizer, model: MemoryLLM,
+                 ds_config: dict, device: torch.device):
+        import deepspeed
+
+        self.config, self.corpus, self.tokenizer = config, corpus, tokenizer
+        self.encode = Encoder(tokenizer, config.context_weight)
+        self.device = device
+        dtype = getattr(torch, config.dtype)
+        model.to(device=device, dtype=dtype)
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay,
+                                      betas=(0.9, 0.98))
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, model_parameters=parameters, config=ds_config
+        )
+        self.model: MemoryLLM = self.engine.module
+        self.step = 0
+        self.data_rng = random.Random(f"ckl-train-data:{config.seed}")
+        self.drop_generator = torch.Generator().manual_seed(config.seed)
+        self.pool: torch.Tensor | None = None  # running pool of stage B, [L, N, d], no graph
+        self.pool_people: list[PoolEntry] = []
+        self.injections = 0
+        self.wall_seconds = 0.0
+
+    # ------------------------------------------------------------------------------------------ stages
+
+    def learning_rate(self) -> float:
+        """Each stage: linear warmup, then constant (stage B at lr x memory_lr_scale). No step depends on
+        the stages' lengths, so a stage can be extended by resuming with a longer preset."""
+        c = self.config
+        in_reader = self.step < c.reader_steps
+        t = self.step if in_reader else self.step - c.reader_steps
+        peak = c.lr if in_reader else c.lr * c.memory_lr_scale
+        return peak * min(1.0, (t + 1) / c.warmup_steps)
+
+    def _filler_rows(self, rows: Rows) -> None:
+        for _ in range(self.config.filler_rows):
+            rows.add(*self.encode.text(self.corpus.filler(self.data_rng), 1.0))
+
+    def reader_loss(self) -> tuple[torch.Tensor, dict[str, float]]:
+        """Stage A: biographies in the sequence, then Q/A about them (shuffled); filler LM rows. The number
+        of biographies per sequence grows from 1 to reader_max_people over `curriculum_steps`."""
+        c, rng = self.config, self.data_rng
+        max_people = 1 + round(min(1.0, self.step / max(1, c.curriculum_steps)) * (c.reader_max_people - 1))
+        rows = Rows()
+        for _ in range(c.reader_batch):
+            documents = [self.corpus.document(rng) for _ in range(rng.randint(1, max_people))]
+            qas = [qa for _, doc_qas in documents for qa in doc_qas]
+            ids, weights = [], []
+            for text, _ in documents:
+                text_ids, text_weights = self.encode.text(text + "\n", c.reader_text_weight)
+                ids += text_ids
+                weights += text_weights
+            for question, answer in rng.sample(qas, min(len(qas), c.reader_questions)):
+                qa_ids, qa_weights = self.encode.qa(question, answer)
+                ids += qa_ids
+                weights += qa_weights
+            rows.add(ids, weights, is_answer=True)
+        self._filler_rows(rows)
+        ids, mask, weights = to_batch(rows, self.device)
+        logits = self.engine(input_ids=ids, attention_mask=mask).logits
+        loss, correct, weights = weighted_loss(logits, ids, weights)
+        answers = weights == 1.0
+        answers[len(rows.ids) - c.filler_rows:] = False
+        return loss, {"answer_token_acc": float(correct[answers].float().mean())}
+
+    def _curriculum(self) -> tuple[int, int]:
+        """(people, fillers) of this episode: the maxima grow linearly over `curriculum_steps` of stage B."""
+        c, rng = self.config, self.data_rng
+        progress = min(1.0, (self.step - c.reader_steps) / max(1, c.curriculum_steps))
+        max_people = 1 + round(progress * (c.max_people - 1))
+        max_fillers = round(progress * c.max_fillers)
+        return rng.randint(1, max_people), rng.randint(0, max_fillers)
+
+    def _inject(self, pool: torch.Tensor | None, text: str) -> torch.Tensor:
+        ids = torch.tensor(self.encode(text), device=self.device)[None]
+        self.injections += 1
+        return self.model.updated_memory(ids, memory=pool, generator=self.drop_generator)
+
+    def _warm_pool(self) -> torch.Tensor:
+        """A pool filled by filler injections (no gradients): the first state of the running pool."""
+        pool = None
+        with torch.no_grad():
+            for _ in range(self.config.num_blocks + 1):
+                pool = self._inject(pool, self.corpus.filler(self.data_rng))
+        return pool
+
+    def memory_loss(self) -> tuple[torch.Tensor, dict[str, float]]:
+        """Stage B: one episode of injections with gradients, then questions about people in the pool."""
+        c, rng = self.config, self.data_rng
+        if self.pool is None:
+            self.pool = self._warm_pool()
+        num_people, num_fillers = self._curriculum()
+        contexts = [("person", self.corpus.document(rng)) for _ in range(num_people)]
+        contexts += [("filler", self.corpus.filler(rng)) for _ in range(num_fillers)]
+        rng.shuffle(contexts)
+        pool = self.pool
+        episode: list[PoolEntry] = []
+        for kind, content in contexts:
+            text = content[0] if kind == "person" else content
+            pool = self._inject(pool, text)
+            if kind == "person":
+                episode.append(PoolEntry(qas=content[1], injection=self.injections - 1))
+        rows = Rows()
+        ages = []
+        for entry in episode:
+            for question, answer in rng.sample(entry.qas, min(c.questions_per_person, len(entry.qas))):
+                rows.add(*self.encode.qa(question, answer), is_answer=True)
+                ages.append(self.injections - 1 - entry.injection)
+        older = [e for e in self.pool_people if self.injections - 1 - e.injection <= c.max_old_age]
+        for entry in rng.sample(older, min(c.old_questions, len(older))):
+            rows.add(*self.encode.qa(*rng.choice(entry.qas)), is_answer=True)
+            ages.append(self.injections - 1 - entry.injection)
+        self._filler_rows(rows)
+        ids, mask, weights = to_batch(rows, self.device)
+        logits = self.engine(input_ids=ids, attention_mask=mask, memory=pool).logits
+        loss, correct, weights = weighted_loss(logits, ids, weights)
+        metrics = self._answer_metrics(correct, weights, ages)
+        self.pool = pool.detach()
+        self.pool_people = [e for e in self.pool_people + episode
+                            if self.injections - 1 - e.injection <= c.max_old_age]
+        metrics.update(episode_people=num_people, episode_fillers=num_fillers)
+        return loss, metrics
+
+    @staticmethod
+    def _answer_metrics(correct: torch.Tensor, weights: torch.Tensor, ages: Sequence[int]) -> dict:
+        """Teacher-forced share of answers whose every token is right, for age 0 and for older people."""
+        answer = weights[: len(ages)] == 1.0
+        exact = [bool(correct[i][answer[i]].all()) for i in range(len(ages))]
+        metrics = {}
+        for name, selected in (("fresh", [a == 0 for a in ages]), ("older", [a > 0 for a in ages])):
+            hits = [e for e, s in zip(exact, selected, strict=True) if s]
+            if hits:
+                metrics[f"answer_exact_{name}"] = sum(hits) / len(hits)
+        return metrics
+
+    def train_step(self) -> dict[str, float]:
+        """One optimiser step of the current stage; returns its metrics."""
+        started = time.perf_counter()
+        lr = self.learning_rate()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.train()
+        in_reader = self.step < self.config.reader_steps
+        loss, metrics = self.reader_loss() if in_reader else self.memory_loss()
+        self.engine.backward(loss)
+        self.engine.step()
+        self.step += 1
+        self.wall_seconds += time.perf_counter() - started
+        return {"loss": loss.item(), "lr": lr, "stage": 0 if in_reader else 1, **metrics}
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+
+    def save(self, directory: Path, extra: dict | None = None) -> None:
+        """A checkpoint that is both a usable model (running pool as its memory) and resumable."""
+        directory.mkdir(parents=True, exist_ok=True)
+        saved_state = self.model.memory_state()
+        if self.pool is not None:
+            self.model.set_memory_state(MemoryState(self.pool, 0, self.injections, True))
+        self.model.save_pretrained(directory)
+        self.model.set_memory_state(saved_state)
+        save_tokenizer(self.tokenizer, directory)
+        torch.save({
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "data_rng": self.data_rng.getstate(),
+            "drop_generator": self.drop_generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "pool": self.pool,
+            "pool_people": [dataclasses.asdict(e) for e in self.pool_people],
+            "injections": self.injections,
+            "wall_seconds": self.wall_seconds,
+            "config": dataclasses.asdict(self.config),
+        }, directory / TRAINER_STATE_FILE)
+        summary = {"config": dataclasses.asdict(self.config), "step": self.step,
+                   "wall_seconds": round(self.wall_seconds, 1), **(extra or {})}
+        (directory / TRAINING_SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+
+    def restore(self, directory: Path) -> None:
+        """Continue from `save`'s trainer state (the weights were loaded with the model)."""
+        state = torch.load(directory / TRAINER_STATE_FILE, weights_only=False)
+        self.step = state["step"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.data_rng.setstate(state["data_rng"])
+        self.drop_generator.set_state(state["drop_generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.pool = None if state["pool"] is None else state["pool"].to(self.device)
+        self.pool_people = [PoolEntry(**e) for e in state["pool_people"]]
+        self.injections = state["injections"]
+        self.wall_seconds = state["wall_seconds"]
+
+
+# ------------------------------------------------------------------------------------------------- run
+
+
+def load_ds_config(path: Path = DEFAULT_DS_CONFIG) -> dict:
+    """The DeepSpeed JSON config (ZeRO stage, clipping, batch bookkeeping)."""
+    return json.loads(Path(path).read_text())
+
+
+def _without_extensible(config: dict) -> dict:
+    """The config fields a resumed run must share: all but the stage lengths (a stage can be extended, or
+    ended at a checkpoint still inside it) and the checkpoint interval."""
+    return {k: v for k, v in config.items() if k not in ("reader_steps", "memory_steps", "checkpoint_every")}
+
+
+def make_trainer(config: TrainConfig, corpus: Corpus, out_dir: Path, resume: bool, ds_config: dict,
+                 cache_dir: Path) -> Trainer:
+    """A fresh run (tokenizer trained on the corpus, new model) or one resumed from out_dir."""
+    prepare_distributed_env(cache_dir)
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    device = resolve_device(config.device)
+    if resume:
+        if not (out_dir / TRAINER_STATE_FILE).is_file():
+            raise FileNotFoundError(f"--resume: no {TRAINER_STATE_FILE} in {out_dir}")
+        saved = json.loads((out_dir / TRAINING_SUMMARY_FILE).read_text())["config"]
+        if _without_extensible(saved) != _without_extensible(dataclasses.asdict(config)):
+            raise ValueError(f"--resume: {out_dir} was trained with another config: {saved}")
+        tokenizer = load_tokenizer(out_dir)
+        model = MemoryLLM.from_pretrained(out_dir, torch_dtype=getattr(torch, config.dtype))
+        model.set_memory_state(MemoryState(model.memory.detach(), 0, 0, False))  # training passes pools
+        trainer = Trainer(config, corpus, tokenizer, model, ds_config, device)
+        trainer.restore(out_dir)
+        if saved["reader_steps"] != config.reader_steps and trainer.step > config.reader_steps:
+            raise ValueError(f"--resume: {out_dir} is at step {trainer.step}, past the new end of stage A")
+        return trainer
+    tokenizer_rng = random.Random(f"ckl-train-tokenizer:{config.seed}")
+    texts = [corpus.document(tokenizer_rng)[0] for _ in range(config.tokenizer_people)]
+    texts += [format_question(q) + " " + a for _ in range(config.tokenizer_people // 4)
+              for q, a in corpus.document(tokenizer_rng)[1]]
+    texts += [corpus.filler(tokenizer_rng) for _ in range(config.tokenizer_people)]
+    tokenizer = train_tokenizer(texts, config.vocab_size)
+    model = build_model(config, len(tokenizer))
+    return Trainer(config, corpus, tokenizer, model, ds_config, device)
+
+
+def train(trainer: Trainer, out_dir: Path, steps: int | None = None,
+          log_metrics: Callable[[int, dict], None] | None = None) -> dict[str, float]:
+    """Run up to `steps` steps (default: to the end of the recipe), checkpointing into out_dir every
+    `checkpoint_every` steps and at the end; returns the last step's metrics."""
+    config = trainer.config
+    end = config.total_steps if steps is None else min(config.total_steps, trainer.step + steps)
+    metrics: dict[str, float] = {}
+    averaged: dict[str, float] = {}
+    with tqdm(total=end, initial=trainer.step, desc="ckl train", unit="step") as bar:
+        while trainer.step < end:
+            metrics = trainer.train_step()
+            for key, value in metrics.items():
+                averaged[key] = value if key not in averaged else 0.95 * averaged[key] + 0.05 * value
+            if log_metrics is not None:
+                log_metrics(trainer.step, metrics)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in averaged.items() if k in PROGRESS_METRICS})
+            bar.update()
+            if trainer.step % config.checkpoint_every == 0 or trainer.step == end:
+                trainer.save(out_dir, {"last_loss": metrics["loss"], "smoothed_metrics": averaged})
+    return averaged

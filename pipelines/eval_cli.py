@@ -1,0 +1,99 @@
+"""`ckl eval retention`: how well a MemoryLLM recalls injected documents, fresh and after later injections.
+
+Without --docs the probed documents are biographies of held-out people (names never seen in training,
+pipelines/bios.py); with --docs they are the documents of a JSONL file in the DESIGN.md format (those
+with probes are asked; the file's other documents are injected too, in file order). Either way the later
+injections after the probed documents are further held-out biographies. See monitoring/retention.py for
+the protocol. Prints a table; writes JSON and a PNG plot on request.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipelines import bios, filler
+
+DEFAULT_MODEL = Path("model/default")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    evaluations = parser.add_subparsers(dest="evaluation", metavar="EVALUATION", required=True)
+    sub = evaluations.add_parser(
+        "retention", help="exact-match recall right after injection and after n later injections",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                     help="checkpoint directory (default model/default)")
+    sub.add_argument("--docs", type=Path, default=None,
+                     help="JSONL documents with probes (default: held-out people)")
+    sub.add_argument("--people", type=int, default=100,
+                     help="held-out people probed without --docs (default 100)")
+    sub.add_argument("--later", type=_later_list, default="0,1,5,10,20,50,100",
+                     help="numbers of later injections to measure at (default 0,1,5,10,20,50,100)")
+    sub.add_argument("--filler-docs", type=int, default=50,
+                     help="held-out filler paragraphs for the LM loss (default 50; 0 to skip)")
+    sub.add_argument("--seed", type=int, default=0, help="seed of the held-out draw and memory drops")
+    sub.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:0, ...")
+    sub.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
+    sub.add_argument("--plot", type=Path, default=None, help="write the curve as a PNG here")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from model import MemoryLLM
+    from model.tokenizer import load_tokenizer
+    from model.training import resolve_device
+    from monitoring.retention import ProbedText, format_table, measure_retention, plot_curve
+    from pipelines.schema import InvalidDocument, parse_document
+
+    try:
+        tokenizer = load_tokenizer(args.model)
+        model = MemoryLLM.from_pretrained(args.model, torch_dtype=torch.float32)
+    except (FileNotFoundError, OSError) as error:
+        print(f"ckl eval retention: cannot load a checkpoint from {args.model}: {error}", file=sys.stderr)
+        return 2
+    model.to(resolve_device(args.device)).eval()
+    heldout = list(bios.bio_documents(args.people + max(args.later), "heldout", args.seed))
+    if args.docs is None:
+        stream = [_probed(d) for d in heldout[: args.people]]
+    else:
+        try:
+            lines = [line for line in args.docs.read_text(encoding="utf-8").splitlines() if line.strip()]
+            stream = [_probed(parse_document(line.encode())) for line in lines]
+        except (OSError, InvalidDocument) as error:
+            print(f"ckl eval retention: {args.docs}: {error}", file=sys.stderr)
+            return 2
+        if not any(doc.probes for doc in stream):
+            print(f"ckl eval retention: no document in {args.docs} carries probes", file=sys.stderr)
+            return 2
+    # later injections after the last probed document: other held-out people, never probed
+    stream += [ProbedText(d.text, ()) for d in heldout[args.people :]]
+    lm_texts = [d.text for d in filler.filler_documents(args.filler_docs, "heldout", args.seed)]
+    result = measure_retention(model, tokenizer, stream, args.later, lm_texts, args.seed)
+    result.update(model=str(args.model), docs=str(args.docs) if args.docs else "heldout people")
+    print(format_table(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    if args.plot:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_curve(result, args.plot)
+    return 0
+
+
+def _probed(document):
+    from monitoring.retention import ProbedText
+
+    return ProbedText(document.text, tuple((p.question, p.answer) for p in document.probes))
+
+
+def _later_list(text: str) -> list[int]:
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from error
+    if not values or values[0] < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    return values

@@ -1,0 +1,93 @@
+"""`ckl train` (a tiny preset through DeepSpeed: checkpoint, reload, resume, determinism) and `ckl eval
+retention` on the committed default checkpoint and on documents written outside the project."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from model import MemoryLLM
+from model.tokenizer import load_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO_ROOT / "model" / "default"
+FOREIGN_DOCS = Path(__file__).parent / "data" / "foreign_docs.jsonl"
+
+
+def ckl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run the ckl command line in a fresh process (DeepSpeed sets up its process group per process)."""
+    env = {**os.environ, "CKL_CACHE": str(REPO_ROOT / ".cache")}  # reuse DeepSpeed's JIT-built ops
+    result = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def training_summary(directory: Path) -> dict:
+    return json.loads((directory / "training.json").read_text())
+
+
+def test_tiny_training_checkpoints_reloads_resumes_and_repeats_bit_for_bit(tmp_path, mlflow_server):
+    interrupted, uninterrupted = tmp_path / "interrupted", tmp_path / "uninterrupted"
+    run = ckl("train", "--preset", "tiny", "--out", str(interrupted), "--steps", "4",
+              "--mlflow-uri", mlflow_server.uri, cwd=REPO_ROOT)
+    first = training_summary(interrupted)
+    assert first["step"] == 4 and torch.isfinite(torch.tensor(first["last_loss"]))
+    run_id = re.search(r"mlflow run: (\w+)", run.stdout).group(1)
+    losses = mlflow.MlflowClient(mlflow_server.uri).get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in losses) == [1, 2, 3, 4]
+
+    model = MemoryLLM.from_pretrained(interrupted)
+    tokenizer = load_tokenizer(interrupted)
+    assert model.config.num_tokens == first["config"]["num_tokens"]
+    assert len(tokenizer) == model.config.vocab_size
+    assert bool(model.initialized)  # stage B ran: the running pool is the checkpoint's memory
+
+    ckl("train", "--preset", "tiny", "--out", str(interrupted), "--resume", cwd=REPO_ROOT)
+    resumed = training_summary(interrupted)
+    assert resumed["step"] == resumed["config"]["reader_steps"] + resumed["config"]["memory_steps"] > 4
+
+    ckl("train", "--preset", "tiny", "--out", str(uninterrupted), cwd=REPO_ROOT)
+    assert training_summary(uninterrupted)["last_loss"] == resumed["last_loss"]
+
+
+def test_resume_refuses_a_directory_without_trainer_state(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pipelines.cli", "train", "--preset", "tiny", "--out",
+                             str(tmp_path), "--resume"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "trainer_state.pt" in result.stderr
+
+
+def test_default_checkpoint_recalls_injected_heldout_people_far_above_baseline(tmp_path):
+    out_json, out_png = tmp_path / "retention.json", tmp_path / "retention.png"
+    ckl("eval", "retention", "--model", str(DEFAULT_MODEL), "--people", "12", "--later", "0,1",
+        "--filler-docs", "5", "--json", str(out_json), "--plot", str(out_png), cwd=tmp_path)
+    result = json.loads(out_json.read_text())
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result["documents"] == 12 and result["curve"][0]["questions"] == 60
+    assert result["baseline_accuracy"] <= 0.1
+    assert result["fresh_accuracy"] >= result["baseline_accuracy"] + 0.1
+    assert result["lm_loss"] is not None and result["lm_loss"] < 4.0
+
+
+def test_eval_retention_takes_foreign_documents_with_probes(tmp_path):
+    out_json = tmp_path / "docs.json"
+    result = ckl("eval", "retention", "--model", str(DEFAULT_MODEL), "--docs", str(FOREIGN_DOCS),
+                 "--later", "0,1,2", "--filler-docs", "0", "--json", str(out_json), cwd=tmp_path)
+    data = json.loads(out_json.read_text())
+    assert data["documents"] == 3  # the document without probes is injected, not asked
+    assert [p["questions"] for p in data["curve"]] == [9, 9, 9]
+    assert data["lm_loss"] is None
+    assert "no-injection baseline" in result.stdout
+
+
+@pytest.mark.parametrize("later", ["-1", "a,b", ""])
+def test_eval_retention_rejects_bad_later_lists(later, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pipelines.cli", "eval", "retention", "--later", later],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2
