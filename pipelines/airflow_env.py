@@ -40,10 +40,12 @@ def migrate(environment: dict[str, str]) -> None:
         raise RuntimeError(f"airflow db migrate failed:\n{result.stdout}\n{result.stderr}")
 
 
-def run_dag(dag_id: str, environment: dict[str, str]) -> subprocess.CompletedProcess:
-    """One run of a DAG with `airflow dags test` in a subprocess; raises with its output if it fails."""
-    result = subprocess.run([sys.executable, "-m", "airflow", "dags", "test", dag_id], capture_output=True,
-                            text=True, env={**os.environ, **environment})
+def run_dag(dag_id: str, environment: dict[str, str], conf: dict | None = None) -> str:
+    """One run of a DAG with `airflow dags test` in a subprocess; returns its output, raises if it fails."""
+    command = [sys.executable, "-m", "airflow", "dags", "test", dag_id, "--bundle-name", "dags-folder"]
+    if conf:
+        command += ["--conf", json.dumps(conf)]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **environment})
     if result.returncode != 0:
         raise RuntimeError(f"DAG {dag_id} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
-    return result
+    return result.stdout

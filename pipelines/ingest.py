@@ -105,7 +105,9 @@ def process_batch(source: DocumentSource, client: ModelServerClient, settings: I
         injections, injection_ms, version = result.injections, result.injection_ms, result.memory_version
     crash_point("after_inject")
 
-    snapshot_id = client.snapshot().id if applied else None
+    # Always after a non-empty inject: a retried request may report applied documents as duplicates, and
+    # the server answers with its last snapshot when nothing changed, so this costs nothing then.
+    snapshot_id = client.snapshot().id if batch.documents else None
     crash_point("after_snapshot")
 
     report = BatchReport(

@@ -6,7 +6,7 @@ whose count is whatever the broker's default happens to be).
 
 import logging
 
-from kafka import KafkaAdminClient, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 log = logging.getLogger(__name__)
 
@@ -49,3 +49,17 @@ def ensure_topics(bootstrap: str, partitions: dict[str, int], replication_factor
 def make_producer(bootstrap: str, client_id: str = "ckl-producer") -> KafkaProducer:
     """A producer that sends raw bytes and waits for all in-sync replicas (idempotent, retries)."""
     return KafkaProducer(bootstrap_servers=bootstrap, client_id=client_id, acks="all", linger_ms=5)
+
+
+def consumer_lag(bootstrap: str, topic: str, group: str) -> int:
+    """Messages of `topic` not yet committed by `group` (all of them if the group never committed)."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="ckl-admin")
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, client_id="ckl-lag")
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        committed = admin.list_consumer_group_offsets(group, partitions=partitions)
+        ends = consumer.end_offsets(partitions)
+        return sum(end - max(committed[tp].offset, 0) if tp in committed else end for tp, end in ends.items())
+    finally:
+        consumer.close()
+        admin.close()
