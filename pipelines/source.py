@@ -20,7 +20,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import OffsetAndMetadata
 
-from pipelines.kafka_io import DLQ_TOPIC, DOCS_TOPIC, make_producer
+from pipelines.kafka_io import DLQ_TOPIC, DOCS_TOPIC, DOCUMENT_TOPICS, ensure_topics, make_producer
 from pipelines.schema import DEFAULT_MAX_TEXT_CHARS, Document, InvalidDocument, parse_document
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,8 @@ class DocumentSource:
             auto_offset_reset="earliest",  # a new group reads everything already published
             max_poll_interval_ms=max_poll_interval_ms,  # a batch may take this long before commit
         )
+        # the broker never auto-creates topics: make sure dead letters have somewhere to go
+        ensure_topics(bootstrap, {dlq_topic: DOCUMENT_TOPICS.get(dlq_topic, 1)})
         self._dlq = make_producer(bootstrap, client_id=f"ckl-dlq-{group}")
 
     def poll_batch(self, max_docs: int, timeout_s: float = 10.0) -> Batch:
