@@ -18,7 +18,7 @@ from pathlib import Path
 from pipelines.airflow_env import airflow_environment, migrate, run_dag
 from pipelines.bios import bio_document, generate_people
 from pipelines.ingest import SERVER_URL_ENV
-from pipelines.kafka_io import DOCS_TOPIC, consumer_lag
+from pipelines.kafka_io import DLQ_TOPIC, DOCS_TOPIC, consumer_lag, topic_size
 from pipelines.paths import state_dir
 from pipelines.services import LocalServices
 from pipelines.source import DEFAULT_GROUP
@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     environment = airflow_environment(state / "airflow")
     environment |= {WRITE_TOKEN_ENV: token, SERVER_URL_ENV: server.url}
     migrate(environment)
+    dead_letters_before = topic_size(bootstrap, DLQ_TOPIC)
     runs = 0
     while (lag := consumer_lag(info["kafka_bootstrap"], DOCS_TOPIC, DEFAULT_GROUP)) > 0:
         runs += 1
@@ -110,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     with ModelServerClient(server.url) as client:
         memory = client.memory()
         print(f"  drained after {runs} runs: {memory.documents_applied} documents applied, "
-              f"{memory.injections} contexts injected, memory version {memory.memory_version}")
+              f"{memory.injections} contexts injected, memory version {memory.memory_version}; "
+              f"{topic_size(bootstrap, DLQ_TOPIC) - dead_letters_before} messages sent to {DLQ_TOPIC}")
 
         step(5, total, "Asking the probes' questions over HTTP (age = later documents injected since)")
         right, asked = ask_probes(client, documents, show=3)
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     step(6, total, "Where to look")
     print(f"  MLflow UI:    {info['mlflow_uri']}  (experiment ckl-ingest: one run per batch)")
     print(f"  model server: {server.url}/docs  (OpenAPI)")
-    print(f"  dead letters: topic {DOCS_TOPIC}.dlq")
+    print(f"  dead letters: topic {DLQ_TOPIC} (reason and source offset in the headers)")
     print("  stop with:    .venv/bin/ckl serve --stop && .venv/bin/ckl services down")
     print(f"\ndone in {time.monotonic() - started:.0f} s")
     return 0

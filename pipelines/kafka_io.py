@@ -5,8 +5,10 @@ whose count is whatever the broker's default happens to be).
 """
 
 import logging
+import time
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +53,41 @@ def make_producer(bootstrap: str, client_id: str = "ckl-producer") -> KafkaProdu
     return KafkaProducer(bootstrap_servers=bootstrap, client_id=client_id, acks="all", linger_ms=5)
 
 
+def committed_offsets(bootstrap: str, group: str, timeout_s: float = 30.0) -> dict[TopicPartition, int]:
+    """The group's committed offsets; waits while a restarted broker is still loading them."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="ckl-admin")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                offsets = admin.list_group_offsets({group: None})[group]
+                return {tp: meta.offset for tp, meta in offsets.items()}
+            except KafkaError as error:
+                if not error.retriable or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+    finally:
+        admin.close()
+
+
 def consumer_lag(bootstrap: str, topic: str, group: str) -> int:
     """Messages of `topic` not yet committed by `group` (all of them if the group never committed)."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="ckl-admin")
+    committed = committed_offsets(bootstrap, group)
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, client_id="ckl-lag")
     try:
         partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        committed = admin.list_consumer_group_offsets(group, partitions=partitions)
         ends = consumer.end_offsets(partitions)
-        return sum(end - max(committed[tp].offset, 0) if tp in committed else end for tp, end in ends.items())
+        return sum(end - max(committed.get(tp, 0), 0) for tp, end in ends.items())
     finally:
         consumer.close()
-        admin.close()
+
+
+def topic_size(bootstrap: str, topic: str) -> int:
+    """Messages currently held by `topic` (0 if it does not exist)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, client_id="ckl-size")
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        ends, starts = consumer.end_offsets(partitions), consumer.beginning_offsets(partitions)
+        return sum(ends[tp] - starts[tp] for tp in partitions)
+    finally:
+        consumer.close()
