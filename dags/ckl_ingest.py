@@ -1,7 +1,7 @@
 """ckl_ingest: one ingestion batch per run (consume -> DLQ -> inject -> snapshot -> commit).
 
 Wiring only; the work is `pipelines.ingest`. Addresses come from CKL_* environment variables or the
-local `.ckl/` files (see `IngestSettings.resolve`); the batch size is a run parameter.
+local `.ckl/` files (see `IngestSettings.resolve`); batch size, topic and group are run parameters.
 """
 
 from datetime import datetime, timedelta
@@ -21,7 +21,11 @@ from airflow.sdk import Param, dag, task
         "retry_exponential_backoff": True,
         "max_retry_delay": timedelta(minutes=5),
     },
-    params={"batch_size": Param(32, type="integer", minimum=1, description="Messages per batch")},
+    params={
+        "batch_size": Param(32, type="integer", minimum=1, description="Messages per batch"),
+        "topic": Param("ckl.docs", type="string", description="Topic to consume"),
+        "group": Param("ckl-ingest", type="string", description="Consumer group"),
+    },
     tags=["ckl"],
 )
 def ckl_ingest():
@@ -29,7 +33,9 @@ def ckl_ingest():
     def ingest_batch(params: dict) -> dict:
         from pipelines.ingest import IngestSettings, report_dict, run_one_batch
 
-        settings = IngestSettings.resolve(batch_size=int(params["batch_size"]))
+        settings = IngestSettings.resolve(
+            batch_size=int(params["batch_size"]), topic=params["topic"], group=params["group"]
+        )
         return report_dict(run_one_batch(settings))
 
     ingest_batch()

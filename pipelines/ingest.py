@@ -54,10 +54,15 @@ class IngestSettings:
             services = {} if env_bootstrap and env_mlflow else load_services_info()
             values.setdefault("bootstrap", env_bootstrap or services["kafka_bootstrap"])
             values.setdefault("mlflow_uri", env_mlflow or services.get("mlflow_uri"))
-        if "server_url" not in values:
-            values["server_url"] = os.environ.get(SERVER_URL_ENV) or read_server_file(state_dir())["url"]
-        values.setdefault("write_token", os.environ.get(WRITE_TOKEN_ENV))
-        return cls(**values)
+        server_url, write_token = resolve_server(values.get("server_url"), values.get("write_token"))
+        return cls(**(values | {"server_url": server_url, "write_token": write_token}))
+
+
+def resolve_server(url: str | None = None, write_token: str | None = None) -> tuple[str, str | None]:
+    """The model server's URL and write token: given, else CKL_SERVER_URL / CKL_WRITE_TOKEN, else the URL
+    `ckl serve` wrote into `.ckl/server.json`."""
+    url = url or os.environ.get(SERVER_URL_ENV) or read_server_file(state_dir())["url"]
+    return url, write_token or os.environ.get(WRITE_TOKEN_ENV)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,9 @@ DLQ_SOURCE_TOPIC, DLQ_SOURCE_PARTITION, DLQ_SOURCE_OFFSET = (
     "ckl.dlq.source_topic", "ckl.dlq.source_partition", "ckl.dlq.source_offset")
 # once a batch has started, a poll that brings nothing for this long means the stream is idle
 _IDLE_POLL_MS = 500
+# A consumer that died (SIGKILL, lost node) keeps its partitions until its session times out; 10 s lets a
+# restarted worker resume soon (kafka-python would pick 30 s against this broker).
+SESSION_TIMEOUT_MS = 10_000
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,7 @@ class DocumentSource:
             enable_auto_commit=False,
             auto_offset_reset="earliest",  # a new group reads everything already published
             max_poll_interval_ms=max_poll_interval_ms,  # a batch may take this long before commit
+            session_timeout_ms=SESSION_TIMEOUT_MS,
         )
         # the broker never auto-creates topics: make sure dead letters have somewhere to go
         ensure_topics(bootstrap, {dlq_topic: DOCUMENT_TOPICS.get(dlq_topic, 1)})

@@ -1,8 +1,9 @@
 """The model server's HTTP API (FastAPI): queries read the live memory, writes change it.
 
 Reads (`/v1/query`, `/v1/memory`, `/v1/snapshots`, `/v1/health`, `/metrics`) are open unless a read token
-is configured; writes (`POST /v1/inject`, `POST /v1/snapshots`) need `Authorization: Bearer <write token>`
-and are refused with 503 when the server has none. The OpenAPI page (`/docs`) documents every body.
+is configured; writes (`POST /v1/inject`, `POST /v1/snapshots`, `POST /v1/snapshots/prune`) need
+`Authorization: Bearer <write token>` and are refused with 503 when the server has none. The OpenAPI
+page (`/docs`) documents every body.
 """
 
 import hmac
@@ -21,6 +22,8 @@ from serving.schemas import (
     InjectResponse,
     Limits,
     MemoryResponse,
+    PruneRequest,
+    PruneResponse,
     QueryRequest,
     QueryResponse,
     SnapshotListResponse,
@@ -128,6 +131,13 @@ def create_app(
         info = state.snapshot()
         metrics.observe_snapshot()
         return _snapshot_response(info)
+
+    @app.post("/v1/snapshots/prune", dependencies=[Depends(require_write)])
+    def prune_snapshots(request: PruneRequest) -> PruneResponse:
+        """Delete all but the newest `keep_last` valid snapshots (corrupt newer ones stay for inspection)."""
+        removed = state.prune_snapshots(request.keep_last)
+        kept = list_snapshots(settings.snapshot_root)
+        return PruneResponse(removed=[path.name for path in removed], kept=[info.id for info in kept])
 
     @app.get("/v1/snapshots", dependencies=[Depends(require_read)])
     def snapshots() -> SnapshotListResponse:

@@ -19,6 +19,8 @@ from serving.schemas import (
     InjectRequest,
     InjectResponse,
     MemoryResponse,
+    PruneRequest,
+    PruneResponse,
     QueryRequest,
     QueryResponse,
     SnapshotListResponse,
@@ -81,6 +83,10 @@ class ModelServerClient:
     def snapshot(self) -> SnapshotResponse:
         """Write a snapshot of the current state now."""
         return self._call("POST", "/v1/snapshots", SnapshotResponse)
+
+    def prune_snapshots(self, keep_last: int) -> PruneResponse:
+        """Delete all but the newest `keep_last` valid snapshots on the server's disk."""
+        return self._call("POST", "/v1/snapshots/prune", PruneResponse, PruneRequest(keep_last=keep_last))
 
     def snapshots(self) -> list[SnapshotResponse]:
         return self._call("GET", "/v1/snapshots", SnapshotListResponse).snapshots

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -45,6 +45,7 @@ class ServerProcess:
         port: int = 0,
         extra_args: Sequence[str] = (),
         detach: bool = False,
+        env: Mapping[str, str] | None = None,
     ):
         self.checkpoint = Path(checkpoint)
         self.state = Path(state)
@@ -52,6 +53,7 @@ class ServerProcess:
         self.port = port
         self.extra_args = list(extra_args)
         self.detach = detach  # own session: survives the parent and its Ctrl-C
+        self.env = dict(env or {})  # extra environment variables of the child (e.g. CKL_CRASH_AT)
         self.log_path = self.state / "logs" / "serve.log"
         self.process: subprocess.Popen | None = None
         self.url: str | None = None
@@ -65,6 +67,7 @@ class ServerProcess:
         """Launch the server and wait until /v1/health answers ; ServerStartError if it exits or hangs."""
         env = {name: value for name, value in os.environ.items() if name not in self.tokens}
         env.update({name: token for name, token in self.tokens.items() if token}, CKL_HOME=str(self.state))
+        env.update(self.env)
         command = [ckl_command(), "serve", "--model", str(self.checkpoint), "--port", str(self.port),
                    "--snapshots", str(self.snapshots), *self.extra_args]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

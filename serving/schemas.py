@@ -68,6 +68,15 @@ class SnapshotListResponse(BaseModel):
     snapshots: list[SnapshotResponse] = Field(description="Newest first.")
 
 
+class PruneRequest(BaseModel):
+    keep_last: int = Field(ge=1, description="How many of the newest valid snapshots to keep.")
+
+
+class PruneResponse(BaseModel):
+    removed: list[str] = Field(description="Names of the snapshot (and stale temporary) directories deleted.")
+    kept: list[str] = Field(description="Ids of the snapshots left on disk, newest first.")
+
+
 class Limits(BaseModel):
     max_question_chars: int
     max_new_tokens: int

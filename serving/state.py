@@ -26,9 +26,10 @@ from pathlib import Path
 
 from model import MemoryStateError
 from model.prompts import extract_answer, format_question
+from pipelines.faults import crash_point
 from serving.runner import ModelRunner
 from serving.schemas import InjectDocument
-from serving.snapshots import SnapshotInfo, list_snapshots, valid_snapshots, write_snapshot
+from serving.snapshots import SnapshotInfo, list_snapshots, prune, valid_snapshots, write_snapshot
 from serving.turns import ModelTurns
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ class LiveState:
             for context in contexts:
                 with self._model_turns.update():
                     pool = self.runner.next_pool(pool, context)
+                crash_point("mid_inject")  # exactly-once tests: the server dies with a batch half-computed
             injection_ms = (time.perf_counter() - started) * 1000
 
             view = self._view
@@ -150,6 +152,14 @@ class LiveState:
                 last_offsets=view.last_offsets,
             )
             return self._last_snapshot
+
+    def prune_snapshots(self, keep_last: int) -> list[Path]:
+        """Delete all but the newest `keep_last` valid snapshots; never while a snapshot is being written."""
+        with self._write_lock:
+            removed = prune(self.snapshot_root, keep_last)
+            if self._last_snapshot is not None and not self._last_snapshot.path.is_dir():
+                self._last_snapshot = None
+            return removed
 
     def restore(self) -> SnapshotInfo | None:
         """Load the newest snapshot that verifies, refusing corrupt ones; None if there are no snapshots.
