@@ -331,7 +331,8 @@ def test_metrics_are_in_prometheus_text_format(server, client):
 def test_openapi_page_documents_every_endpoint_and_the_bearer_scheme(server):
     spec = httpx.get(f"{server.url}/openapi.json").json()
     assert set(spec["paths"]) == {
-        "/v1/query", "/v1/inject", "/v1/snapshots", "/v1/memory", "/v1/health", "/metrics"
+        "/v1/query", "/v1/inject", "/v1/snapshots", "/v1/snapshots/prune", "/v1/memory", "/v1/health",
+        "/metrics",
     }
     assert spec["paths"]["/v1/inject"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
