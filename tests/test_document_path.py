@@ -7,10 +7,10 @@ import sys
 import time
 from collections import Counter
 
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import KafkaError
 
+from pipelines import kafka_io
 from pipelines.kafka_io import ensure_topics, make_producer
 from pipelines.source import DeadLetter, DocumentSource
 
@@ -34,21 +34,9 @@ def read_topic(bootstrap: str, topic: str, count: int, timeout_s: float = 20) ->
         consumer.close()
 
 
-def committed_offsets(bootstrap: str, group: str, timeout_s: float = 30) -> dict[int, int]:
-    """The group's committed offsets; waits while a restarted broker is still loading them."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            try:
-                offsets = admin.list_group_offsets({group: None})[group]
-                return {tp.partition: meta.offset for tp, meta in offsets.items()}
-            except KafkaError as error:
-                if not error.retriable or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-    finally:
-        admin.close()
+def committed_offsets(bootstrap: str, group: str) -> dict[int, int]:
+    """The group's committed offsets by partition (waits while a restarted broker loads them)."""
+    return {tp.partition: offset for tp, offset in kafka_io.committed_offsets(bootstrap, group).items()}
 
 
 def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
