@@ -377,10 +377,12 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
                 module.active_adapter = name
 
     def _prefix_rows(self, pool: torch.Tensor, layer: int) -> torch.Tensor:
-        """Layer `layer`'s prefix rows: (1, [bos] + n, d) for pool rows pool[layer] (n of them)."""
-        rows = pool[layer][None]
+        """Layer `layer`'s prefix rows: (1, [bos] + n, d) for a pool [L, n, d], (B, [bos] + n, d) for a
+        batch of pools [B, L, n, d]."""
+        rows = pool[layer][None] if pool.dim() == 3 else pool[:, layer]
         if self.config.add_bos_embedding:
-            rows = torch.cat([self.bos_embedding[layer][None].to(rows.dtype), rows], dim=1)
+            bos = self.bos_embedding[layer][None].to(rows.dtype).expand(rows.shape[0], -1, -1)
+            rows = torch.cat([bos, rows], dim=1)
         return rows
 
     def _position_embeddings(self, like: torch.Tensor, positions: torch.Tensor):
@@ -390,7 +392,7 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
     def _memory_kv_from(self, pool: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every layer's prefix keys/values for a query: [bos, pool] at positions 0..P-1, (1, kv, P, hd)."""
         self._activate_adapter(injection=False)
-        prefix_length = int(self.config.add_bos_embedding) + pool.shape[1]
+        prefix_length = int(self.config.add_bos_embedding) + pool.shape[-2]
         positions = torch.arange(prefix_length, device=pool.device)[None]
         cos, sin = self._position_embeddings(pool, positions)
         return [
@@ -452,7 +454,8 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
 
         input_ids: (B, T); attention_mask: (B, past + T) over the text only (0 = padding), optional;
         past_key_values: a DynamicCache of text keys/values (created when use_cache); memory: an explicit
-        pool [L, n, d] to query instead of the model's own (differentiable: training uses it);
+        pool [L, n, d] to query instead of the model's own, or one pool per row [B, L, n, d]
+        (differentiable: training uses it);
         use_memory_cache: override `self.use_memory_cache` (the cache is used only without autograd).
         Other keyword arguments transformers passes (return_dict, ...) are accepted and ignored.
         """
@@ -600,6 +603,42 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         return memory_pool.updated_pool(
             pool, new_tokens, initialized, self.config.drop_memory_per_layer, generator
         )
+
+    def batched_updated_memory(
+        self,
+        context_ids: torch.Tensor,
+        lengths: torch.Tensor,
+        pools: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Training path: inject B right-padded contexts (B, T) of `lengths` tokens, one into each of the
+        initialised pools [B, L, N, d]; returns the updated pools. Row b equals
+        `updated_memory(context_ids[b, :lengths[b]], memory=pools[b])` (same drop rules and generator)."""
+        k = self.config.num_tokens
+        self._activate_adapter(injection=True)
+        hidden = self.model.embed_tokens(context_ids)  # (B, T, d)
+        batch, length, _ = hidden.shape
+        prefix = int(self.config.add_bos_embedding) + k
+        positions = torch.arange(prefix + length, device=hidden.device)[None]
+        position_embeddings = self._position_embeddings(hidden, positions)
+        mask = attention_mask_for(None, 0, prefix + length, 0, hidden.device)  # causal over [prefix, text]
+        # the last K real rows of [bos, pool[-K:], text] become the new tokens; they carry the marker
+        last_rows = (prefix + lengths.to(hidden.device))[:, None] - k + torch.arange(k, device=hidden.device)
+        marked = torch.zeros(batch, prefix + length, 1, device=hidden.device, dtype=hidden.dtype)
+        marked = marked.scatter(1, last_rows[:, :, None], 1.0)
+        gather_index = last_rows[:, :, None].expand(-1, -1, hidden.shape[-1])
+        new_tokens = []
+        for i, layer in enumerate(self.model.layers):
+            rows = torch.cat([self._prefix_rows(pools[:, :, -k:], i).to(hidden.dtype), hidden], dim=1)
+            rows = rows + marked * self.new_memory_positional_emb.to(hidden.dtype)
+            out = layer(rows, position_embeddings, None, mask)  # (B, prefix + T, d)
+            new_tokens.append(out.gather(1, gather_index))
+            hidden = out[:, prefix:]
+        new_tokens = torch.stack(new_tokens, dim=1)  # (B, L, K, d)
+        return torch.stack([
+            memory_pool.drop_and_append(pool, tokens, self.config.drop_memory_per_layer, generator)
+            for pool, tokens in zip(pools, new_tokens, strict=True)
+        ])
 
     def inject_memory(
         self,

@@ -1,16 +1,17 @@
 """The training recipe of the default MemoryLLM: a reader first, then learning to store and look up by name.
 
-Stage A (reader, no memory): one to a few biographies in the sequence, then questions and answers about
-some of them; loss weight 1 on answer tokens and `context_weight` on every other token; plus plain LM on
-filler text. Without this stage, memory training from scratch stays at chance.
+Stage A (reader, no memory): rows of one to eight biographies, then questions and answers about people
+among them; loss weight 1 on answer tokens and on the biographies (names repeat in every sentence, which
+teaches copying), `context_weight` on the questions; plus plain LM on filler text. Without this stage,
+memory training from scratch stays at chance.
 
-Stage B (through memory): each step is one episode of the knowledge stream. A few biographies (and
-unrelated filler contexts) are injected in sequence into a running pool with gradients flowing through
-every injection (`MemoryLLM.updated_memory`), then questions about a random subset of the people in the
-pool are answered through `forward(memory=...)`: people of this episode at every position (not only the
-newest) and people of earlier episodes, whose tokens sit further back in the pool. Answering therefore
-needs lookup by name, not recency. The number of contexts per episode grows with a curriculum, and filler
-text is still modelled (through the memory) so the model stays a language model.
+Stage B (through memory): `streams` knowledge streams run side by side, each with its own running pool
+(batched injections, `MemoryLLM.batched_updated_memory`). Every step, each stream injects a few contexts
+(biographies, sometimes unrelated filler) with gradients flowing through every injection; then one row
+per stream asks about people of this episode at every position (not only the newest) and about people of
+earlier episodes whose tokens sit further back in its pool, and models a filler paragraph, all through
+`forward(memory=pools)`. Answering therefore needs lookup by name, not recency. The number of contexts
+per episode grows with a curriculum.
 
 The recipe is data-agnostic: a `Corpus` gives documents with their question/answer pairs and filler
 texts (pipelines/train_cli.py builds one from `ckl data bios`). Runs go through `deepspeed.initialize`
@@ -40,7 +41,9 @@ from model.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 DEFAULT_DS_CONFIG = Path(__file__).with_name("ds_config.json")
 TRAINER_STATE_FILE = "trainer_state.pt"
 TRAINING_SUMMARY_FILE = "training.json"
-PROGRESS_METRICS = ("loss", "answer_token_acc", "answer_exact_fresh", "answer_exact_older")
+PROGRESS_METRICS = (
+    "loss", "answer_exact_single", "answer_exact_among", "answer_exact_fresh", "answer_exact_older"
+)
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,7 @@ class TrainConfig:
     """Every knob of a run: model shape, memory size, recipe, schedule."""
 
     # model
-    vocab_size: int = 2048
+    vocab_size: int = 2048  # small: attribute values are several tokens (see reader_loss)
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
@@ -60,16 +63,23 @@ class TrainConfig:
     # recipe
     reader_steps: int = 1500  # stage A
     memory_steps: int = 2600  # stage B
-    reader_batch: int = 4
-    reader_max_people: int = 3
-    reader_questions: int = 8  # Q/A per stage-A sequence, about the biographies in it
+    reader_batch: int = 8  # rows per stage-A step
+    # stage A, phase 1 (reading): rows of 1..reader_max_people biographies (ramped over curriculum_steps)
+    reader_max_people: int = 2
+    reader_questions: int = 8  # Q/A per row, about the biographies in it
     context_weight: float = 0.2  # loss weight of question tokens (answers: 1)
-    reader_text_weight: float = 1.0  # stage A: loss weight of the biographies (names repeat: learns copying)
-    filler_rows: int = 2  # filler LM rows per step (both stages)
-    max_people: int = 4  # stage B curriculum: people per episode grows from 1 to this
-    max_fillers: int = 2  # unrelated contexts injected between people (0..this, grows too)
+    reader_text_weight: float = 1.0  # loss weight of the biographies (names repeat: learns copying)
+    # stage A, phase 2 (binding) from step binding_step: the person asked about among more others
+    binding_step: int = 1000
+    reader_max_people_after: int = 8  # ramped up from reader_max_people over curriculum_steps
+    reader_questions_after: int = 16
+    reader_text_weight_after: float = 0.2  # the answers now dominate the loss
+    filler_rows: int = 2  # stage A: filler LM rows per step
+    streams: int = 8  # stage B: independent knowledge streams (running pools) trained side by side
+    max_contexts: int = 4  # stage B: contexts injected per stream and step grow from 1 to this
+    filler_share: float = 0.25  # ... each one an unrelated filler paragraph with this probability
     curriculum_steps: int = 300  # steps (of each stage) over which the numbers of contexts grow
-    questions_per_person: int = 2
+    questions_per_person: int = 2  # stage B: questions about each person of the episode
     old_questions: int = 4  # questions about people of earlier episodes still in the pool
     max_old_age: int = 12  # ... injected at most this many injections ago
     # optimisation
@@ -94,8 +104,8 @@ PRESETS: dict[str, TrainConfig] = {
     "tiny": TrainConfig(
         vocab_size=320, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, num_tokens=16,
         num_blocks=4, max_position_embeddings=320, reader_steps=3, memory_steps=3, reader_batch=2,
-        reader_max_people=2, max_people=2, max_fillers=1, old_questions=2, warmup_steps=2, curriculum_steps=2,
-        checkpoint_every=3, tokenizer_people=200,
+        reader_max_people=2, reader_questions=4, streams=2, max_contexts=2, old_questions=2, warmup_steps=2,
+        curriculum_steps=2, checkpoint_every=3, tokenizer_people=200,
     ),
 }
 
@@ -153,16 +163,40 @@ def build_model(config: TrainConfig, vocab_size: int) -> MemoryLLM:
 
 @dataclass
 class Rows:
-    """Token rows with per-token loss weights, padded into one batch by `to_batch`."""
+    """Token rows with per-token loss weights, padded into one batch by `to_batch`; `answers` marks the
+    answer spans (row, start, end, tag) that the exact-answer metrics score."""
 
     ids: list[list[int]] = field(default_factory=list)
     weights: list[list[float]] = field(default_factory=list)
-    answer_rows: list[bool] = field(default_factory=list)
+    answers: list[tuple[int, int, int, str]] = field(default_factory=list)
 
-    def add(self, ids: list[int], weights: list[float], is_answer: bool = False) -> None:
+    def add(self, ids: list[int], weights: list[float]) -> None:
         self.ids.append(ids)
         self.weights.append(weights)
-        self.answer_rows.append(is_answer)
+
+
+class RowBuilder:
+    """One row assembled piece by piece, remembering where its answers are."""
+
+    def __init__(self):
+        self.ids: list[int] = []
+        self.weights: list[float] = []
+        self.answers: list[tuple[int, int, str]] = []
+
+    def text(self, piece: tuple[list[int], list[float]]) -> None:
+        self.ids += piece[0]
+        self.weights += piece[1]
+
+    def qa(self, piece: tuple[list[int], list[float], int], tag: str) -> None:
+        ids, weights, answer_length = piece
+        end = len(self.ids) + len(ids)
+        self.text((ids, weights))
+        self.answers.append((end - answer_length, end, tag))
+
+    def add_to(self, rows: Rows) -> None:
+        row = len(rows.ids)
+        rows.add(self.ids, self.weights)
+        rows.answers += [(row, start, end, tag) for start, end, tag in self.answers]
 
 
 def to_batch(rows: Rows, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -184,7 +218,16 @@ def weighted_loss(logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     logits, targets, weights = logits[:, :-1], ids[:, 1:], weights[:, 1:]
     losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, T-1)
     loss = (losses * weights).sum() / weights.sum().clamp(min=1e-6)
-    return loss, logits.argmax(-1) == targets, weights
+    return loss, logits.argmax(-1) == targets
+
+
+def exact_answer_rates(correct: torch.Tensor, answers: Sequence[tuple[int, int, int, str]]) -> dict:
+    """Teacher-forced share of answers whose every token is predicted right, per tag: answer_exact_<tag>.
+    correct: (B, T-1) from `weighted_loss`; answers: (row, start, end, tag) spans of token positions."""
+    hits: dict[str, list[bool]] = {}
+    for row, start, end, tag in answers:
+        hits.setdefault(tag, []).append(bool(correct[row, start - 1 : end - 1].all()))
+    return {f"answer_exact_{tag}": sum(h) / len(h) for tag, h in hits.items()}
 
 
 class Encoder:
@@ -197,10 +240,11 @@ class Encoder:
     def __call__(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def qa(self, question: str, answer: str) -> tuple[list[int], list[float]]:
-        """The Q/A of model.prompts: the prompt as evaluation encodes it, then the answer and its newline."""
+    def qa(self, question: str, answer: str) -> tuple[list[int], list[float], int]:
+        """The Q/A of model.prompts: the prompt as evaluation encodes it, then the answer and its newline;
+        also the length of that reply (the answer span)."""
         prompt, reply = self(format_question(question)), self(f" {answer.strip()}\n")
-        return prompt + reply, [self.context_weight] * len(prompt) + [1.0] * len(reply)
+        return prompt + reply, [self.context_weight] * len(prompt) + [1.0] * len(reply), len(reply)
 
     def text(self, text: str, weight: float) -> tuple[list[int], list[float]]:
         ids = self(text)
@@ -240,8 +284,8 @@ class Trainer:
         self.step = 0
         self.data_rng = random.Random(f"ckl-train-data:{config.seed}")
         self.drop_generator = torch.Generator().manual_seed(config.seed)
-        self.pool: torch.Tensor | None = None  # running pool of stage B, [L, N, d], no graph
-        self.pool_people: list[PoolEntry] = []
+        self.pools: torch.Tensor | None = None  # stage B: every stream's running pool [S, L, N, d], no graph
+        self.pool_people: list[list[PoolEntry]] = []  # ... and the people in it
         self.injections = 0
         self.wall_seconds = 0.0
 
@@ -256,106 +300,115 @@ class Trainer:
         peak = c.lr if in_reader else c.lr * c.memory_lr_scale
         return peak * min(1.0, (t + 1) / c.warmup_steps)
 
-    def _filler_rows(self, rows: Rows) -> None:
-        for _ in range(self.config.filler_rows):
-            rows.add(*self.encode.text(self.corpus.filler(self.data_rng), 1.0))
-
     def reader_loss(self) -> tuple[torch.Tensor, dict[str, float]]:
-        """Stage A: biographies in the sequence, then Q/A about them (shuffled); filler LM rows. The number
-        of biographies per sequence grows from 1 to reader_max_people over `curriculum_steps`."""
+        """Stage A: rows of biographies, then Q/A about people among them (shuffled); filler LM rows.
+        Phase 1 (reading) has 1-2 biographies per row and weighs them fully; phase 2 (binding) has up to
+        reader_max_people_after, so the reader must find the person asked about among several, with the
+        answers dominating the loss."""
         c, rng = self.config, self.data_rng
-        max_people = 1 + round(min(1.0, self.step / max(1, c.curriculum_steps)) * (c.reader_max_people - 1))
+        if self.step < c.binding_step:
+            low, high, ramp = 1, c.reader_max_people, self.step
+            text_weight, questions = c.reader_text_weight, c.reader_questions
+        else:
+            low, high, ramp = c.reader_max_people, c.reader_max_people_after, self.step - c.binding_step
+            text_weight, questions = c.reader_text_weight_after, c.reader_questions_after
+        max_people = low + round(min(1.0, ramp / max(1, c.curriculum_steps)) * (high - low))
         rows = Rows()
         for _ in range(c.reader_batch):
             documents = [self.corpus.document(rng) for _ in range(rng.randint(1, max_people))]
             qas = [qa for _, doc_qas in documents for qa in doc_qas]
-            ids, weights = [], []
+            row = RowBuilder()
             for text, _ in documents:
-                text_ids, text_weights = self.encode.text(text + "\n", c.reader_text_weight)
-                ids += text_ids
-                weights += text_weights
-            for question, answer in rng.sample(qas, min(len(qas), c.reader_questions)):
-                qa_ids, qa_weights = self.encode.qa(question, answer)
-                ids += qa_ids
-                weights += qa_weights
-            rows.add(ids, weights, is_answer=True)
-        self._filler_rows(rows)
+                row.text(self.encode.text(text + "\n", text_weight))
+            tag = "single" if len(documents) == 1 else "among"
+            for question, answer in rng.sample(qas, min(len(qas), questions)):
+                row.qa(self.encode.qa(question, answer), tag)
+            row.add_to(rows)
+        for _ in range(c.filler_rows):
+            rows.add(*self.encode.text(self.corpus.filler(rng), 1.0))
         ids, mask, weights = to_batch(rows, self.device)
         logits = self.engine(input_ids=ids, attention_mask=mask).logits
-        loss, correct, weights = weighted_loss(logits, ids, weights)
-        answers = weights == 1.0
-        answers[len(rows.ids) - c.filler_rows:] = False
-        return loss, {"answer_token_acc": float(correct[answers].float().mean())}
+        loss, correct = weighted_loss(logits, ids, weights)
+        return loss, exact_answer_rates(correct, rows.answers)
 
-    def _curriculum(self) -> tuple[int, int]:
-        """(people, fillers) of this episode: the maxima grow linearly over `curriculum_steps` of stage B."""
-        c, rng = self.config, self.data_rng
+    def _num_contexts(self) -> int:
+        """Contexts every stream injects this step: at most 1 at the start of stage B, growing linearly to
+        max_contexts over `curriculum_steps`."""
+        c = self.config
         progress = min(1.0, (self.step - c.reader_steps) / max(1, c.curriculum_steps))
-        max_people = 1 + round(progress * (c.max_people - 1))
-        max_fillers = round(progress * c.max_fillers)
-        return rng.randint(1, max_people), rng.randint(0, max_fillers)
+        return self.data_rng.randint(1, 1 + round(progress * (c.max_contexts - 1)))
 
-    def _inject(self, pool: torch.Tensor | None, text: str) -> torch.Tensor:
-        ids = torch.tensor(self.encode(text), device=self.device)[None]
+    def _inject(self, pools: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """One context into each stream's pool (a batched injection, gradients flowing)."""
+        encoded = [self.encode(text) for text in texts]
+        ids = torch.zeros(len(encoded), max(map(len, encoded)), dtype=torch.long)
+        for i, row in enumerate(encoded):
+            ids[i, : len(row)] = torch.tensor(row)
+        lengths = torch.tensor([len(row) for row in encoded])
         self.injections += 1
-        return self.model.updated_memory(ids, memory=pool, generator=self.drop_generator)
+        return self.model.batched_updated_memory(ids.to(self.device), lengths, pools, self.drop_generator)
 
-    def _warm_pool(self) -> torch.Tensor:
-        """A pool filled by filler injections (no gradients): the first state of the running pool."""
-        pool = None
+    def _warm_pools(self) -> torch.Tensor:
+        """Every stream's first pool: tiled from one filler paragraph (the model's own pool is kept
+        uninitialised in training), then filled by more filler injections; no gradients."""
+        c = self.config
         with torch.no_grad():
-            for _ in range(self.config.num_blocks + 1):
-                pool = self._inject(pool, self.corpus.filler(self.data_rng))
-        return pool
+            pools = torch.stack([
+                self.model.updated_memory(torch.tensor(self.encode(self.corpus.filler(self.data_rng)),
+                                                       device=self.device)[None])
+                for _ in range(c.streams)
+            ])
+            for _ in range(c.num_blocks):
+                pools = self._inject(pools, [self.corpus.filler(self.data_rng) for _ in range(c.streams)])
+        return pools
 
     def memory_loss(self) -> tuple[torch.Tensor, dict[str, float]]:
-        """Stage B: one episode of injections with gradients, then questions about people in the pool."""
+        """Stage B: every stream injects a few biographies (and fillers) with gradients, then one row per
+        stream asks about people of this episode (any position) and of earlier episodes still in its pool,
+        and models a filler paragraph, all through that stream's memory."""
         c, rng = self.config, self.data_rng
-        if self.pool is None:
-            self.pool = self._warm_pool()
-        num_people, num_fillers = self._curriculum()
-        contexts = [("person", self.corpus.document(rng)) for _ in range(num_people)]
-        contexts += [("filler", self.corpus.filler(rng)) for _ in range(num_fillers)]
-        rng.shuffle(contexts)
-        pool = self.pool
-        episode: list[PoolEntry] = []
-        for kind, content in contexts:
-            text = content[0] if kind == "person" else content
-            pool = self._inject(pool, text)
-            if kind == "person":
-                episode.append(PoolEntry(qas=content[1], injection=self.injections - 1))
+        if self.pools is None:
+            self.pools = self._warm_pools()
+            self.pool_people = [[] for _ in range(c.streams)]
+        num_contexts = self._num_contexts()
+        plans = [[self.corpus.filler(rng) if rng.random() < c.filler_share else self.corpus.document(rng)
+                  for _ in range(num_contexts)] for _ in range(c.streams)]
+        pools = self.pools
+        episodes: list[list[PoolEntry]] = [[] for _ in range(c.streams)]
+        for position in range(num_contexts):
+            contexts = [plan[position] for plan in plans]
+            pools = self._inject(pools, [ctx if isinstance(ctx, str) else ctx[0] for ctx in contexts])
+            for stream, ctx in enumerate(contexts):
+                if not isinstance(ctx, str):
+                    episodes[stream].append(PoolEntry(qas=ctx[1], injection=self.injections - 1))
         rows = Rows()
-        ages = []
-        for entry in episode:
-            for question, answer in rng.sample(entry.qas, min(c.questions_per_person, len(entry.qas))):
-                rows.add(*self.encode.qa(question, answer), is_answer=True)
-                ages.append(self.injections - 1 - entry.injection)
-        older = [e for e in self.pool_people if self.injections - 1 - e.injection <= c.max_old_age]
-        for entry in rng.sample(older, min(c.old_questions, len(older))):
-            rows.add(*self.encode.qa(*rng.choice(entry.qas)), is_answer=True)
-            ages.append(self.injections - 1 - entry.injection)
-        self._filler_rows(rows)
+        for stream in range(c.streams):
+            asked = []
+            for entry in episodes[stream]:
+                asked += [(qa, self._age_tag(entry)) for qa in rng.sample(entry.qas, c.questions_per_person)]
+            older = [e for e in self.pool_people[stream] if self._age(e) <= c.max_old_age]
+            for entry in rng.sample(older, min(c.old_questions, len(older))):
+                asked.append((rng.choice(entry.qas), self._age_tag(entry)))
+            rng.shuffle(asked)
+            row = RowBuilder()
+            for qa, tag in asked:
+                row.qa(self.encode.qa(*qa), tag)
+            row.text(self.encode.text(self.corpus.filler(rng), 1.0))
+            row.add_to(rows)
         ids, mask, weights = to_batch(rows, self.device)
-        logits = self.engine(input_ids=ids, attention_mask=mask, memory=pool).logits
-        loss, correct, weights = weighted_loss(logits, ids, weights)
-        metrics = self._answer_metrics(correct, weights, ages)
-        self.pool = pool.detach()
-        self.pool_people = [e for e in self.pool_people + episode
-                            if self.injections - 1 - e.injection <= c.max_old_age]
-        metrics.update(episode_people=num_people, episode_fillers=num_fillers)
-        return loss, metrics
+        logits = self.engine(input_ids=ids, attention_mask=mask, memory=pools).logits
+        loss, correct = weighted_loss(logits, ids, weights)
+        self.pools = pools.detach()
+        self.pool_people = [[e for e in people + episode if self._age(e) <= c.max_old_age]
+                            for people, episode in zip(self.pool_people, episodes, strict=True)]
+        return loss, {**exact_answer_rates(correct, rows.answers), "contexts": num_contexts}
 
-    @staticmethod
-    def _answer_metrics(correct: torch.Tensor, weights: torch.Tensor, ages: Sequence[int]) -> dict:
-        """Teacher-forced share of answers whose every token is right, for age 0 and for older people."""
-        answer = weights[: len(ages)] == 1.0
-        exact = [bool(correct[i][answer[i]].all()) for i in range(len(ages))]
-        metrics = {}
-        for name, selected in (("fresh", [a == 0 for a in ages]), ("older", [a > 0 for a in ages])):
-            hits = [e for e, s in zip(exact, selected, strict=True) if s]
-            if hits:
-                metrics[f"answer_exact_{name}"] = sum(hits) / len(hits)
-        return metrics
+    def _age(self, entry: PoolEntry) -> int:
+        """Injections into the pool after this person's (0: the newest)."""
+        return self.injections - 1 - entry.injection
+
+    def _age_tag(self, entry: PoolEntry) -> str:
+        return "fresh" if self._age(entry) == 0 else "older"
 
     def train_step(self) -> dict[str, float]:
         """One optimiser step of the current stage; returns its metrics."""
@@ -378,8 +431,8 @@ class Trainer:
         """A checkpoint that is both a usable model (running pool as its memory) and resumable."""
         directory.mkdir(parents=True, exist_ok=True)
         saved_state = self.model.memory_state()
-        if self.pool is not None:
-            self.model.set_memory_state(MemoryState(self.pool, 0, self.injections, True))
+        if self.pools is not None:  # the saved model's memory: the first stream's pool
+            self.model.set_memory_state(MemoryState(self.pools[0], 0, self.injections, True))
         self.model.save_pretrained(directory)
         self.model.set_memory_state(saved_state)
         save_tokenizer(self.tokenizer, directory)
@@ -389,8 +442,8 @@ class Trainer:
             "data_rng": self.data_rng.getstate(),
             "drop_generator": self.drop_generator.get_state(),
             "torch_rng": torch.get_rng_state(),
-            "pool": self.pool,
-            "pool_people": [dataclasses.asdict(e) for e in self.pool_people],
+            "pools": self.pools,
+            "pool_people": [[dataclasses.asdict(e) for e in people] for people in self.pool_people],
             "injections": self.injections,
             "wall_seconds": self.wall_seconds,
             "config": dataclasses.asdict(self.config),
@@ -407,8 +460,8 @@ class Trainer:
         self.data_rng.setstate(state["data_rng"])
         self.drop_generator.set_state(state["drop_generator"])
         torch.set_rng_state(state["torch_rng"])
-        self.pool = None if state["pool"] is None else state["pool"].to(self.device)
-        self.pool_people = [PoolEntry(**e) for e in state["pool_people"]]
+        self.pools = None if state["pools"] is None else state["pools"].to(self.device)
+        self.pool_people = [[PoolEntry(**e) for e in people] for people in state["pool_people"]]
         self.injections = state["injections"]
         self.wall_seconds = state["wall_seconds"]
 

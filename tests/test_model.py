@@ -273,6 +273,29 @@ def test_gradients_flow_through_injections_into_a_later_loss():
     assert not model.initialized, "the functional path leaves the model's pool alone"
 
 
+def test_batched_injection_equals_one_context_at_a_time():
+    model = tiny_model(num_tokens=4, num_blocks=4, num_memory_tokens=16)
+    with torch.no_grad():
+        model.new_memory_positional_emb.normal_()  # zero at init: make the marker matter
+    pools = torch.randn(3, 2, 16, 32)
+    contexts = [ids(5, 6), ids(7, 8, 9, 10, 11, 12), ids(13, 14, 15, 16, 17, 18, 19, 20, 21)]
+    padded = torch.zeros(3, 9, dtype=torch.long)
+    for row, context in enumerate(contexts):
+        padded[row, : context.shape[1]] = context[0]
+    lengths = torch.tensor([c.shape[1] for c in contexts])
+    batched = model.batched_updated_memory(padded, lengths, pools, torch.Generator().manual_seed(3))
+    one_by_one = torch.Generator().manual_seed(3)
+    singles = torch.stack([model.updated_memory(c, memory=p, generator=one_by_one)
+                           for c, p in zip(contexts, pools, strict=True)])
+    torch.testing.assert_close(batched, singles)
+    # a batch of pools is queried row by row: row b sees pool b only
+    query = ids(3, 4, 5).expand(3, -1)
+    together = model(query, memory=batched).logits
+    alone = torch.cat([model(query[:1], memory=pool).logits for pool in batched])
+    torch.testing.assert_close(together, alone)
+    assert not torch.allclose(together[0], together[1])
+
+
 def test_dtype_follows_the_parameters():
     model = injected_model().to(torch.float64)
     with torch.no_grad():
