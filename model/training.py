@@ -61,8 +61,8 @@ class TrainConfig:
     max_position_embeddings: int = 2560
     drop_memory_per_layer: bool = True
     # recipe
-    reader_steps: int = 1500  # stage A
-    memory_steps: int = 2600  # stage B
+    reader_steps: int = 1700  # stage A (binding_step..reader_steps: phase 2)
+    memory_steps: int = 1500  # stage B
     reader_batch: int = 8  # rows per stage-A step
     # stage A, phase 1 (reading): rows of 1..reader_max_people biographies (ramped over curriculum_steps)
     reader_max_people: int = 2
@@ -86,6 +86,7 @@ class TrainConfig:
     lr: float = 3e-3
     memory_lr_scale: float = 0.5  # stage B learning rate = lr x this
     warmup_steps: int = 50
+    cooldown_steps: int = 400  # stage B's last steps, learning rate decaying linearly to 0
     weight_decay: float = 0.01
     seed: int = 0
     checkpoint_every: int = 100
@@ -105,7 +106,7 @@ PRESETS: dict[str, TrainConfig] = {
         vocab_size=320, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, num_tokens=16,
         num_blocks=4, max_position_embeddings=320, reader_steps=3, memory_steps=3, reader_batch=2,
         reader_max_people=2, reader_questions=4, streams=2, max_contexts=2, old_questions=2, warmup_steps=2,
-        curriculum_steps=2, checkpoint_every=3, tokenizer_people=200,
+        curriculum_steps=2, cooldown_steps=2, checkpoint_every=3, tokenizer_people=200,
     ),
 }
 
@@ -292,13 +293,15 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ stages
 
     def learning_rate(self) -> float:
-        """Each stage: linear warmup, then constant (stage B at lr x memory_lr_scale). No step depends on
-        the stages' lengths, so a stage can be extended by resuming with a longer preset."""
+        """Each stage: linear warmup, then constant (stage B at lr x memory_lr_scale); the last
+        `cooldown_steps` of stage B decay linearly towards 0. Nothing before the cooldown depends on the
+        stages' lengths, so a stage can be extended by resuming with a longer preset."""
         c = self.config
         in_reader = self.step < c.reader_steps
         t = self.step if in_reader else self.step - c.reader_steps
         peak = c.lr if in_reader else c.lr * c.memory_lr_scale
-        return peak * min(1.0, (t + 1) / c.warmup_steps)
+        cooldown = 1.0 if in_reader else min(1.0, (c.total_steps - self.step) / max(1, c.cooldown_steps))
+        return peak * min(1.0, (t + 1) / c.warmup_steps) * cooldown
 
     def reader_loss(self) -> tuple[torch.Tensor, dict[str, float]]:
         """Stage A: rows of biographies, then Q/A about people among them (shuffled); filler LM rows.

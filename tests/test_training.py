@@ -63,7 +63,7 @@ def test_resume_refuses_a_directory_without_trainer_state(tmp_path):
     assert result.returncode == 2 and "trainer_state.pt" in result.stderr
 
 
-def test_default_checkpoint_recalls_injected_heldout_people_above_baseline(tmp_path):
+def test_default_checkpoint_recalls_injected_heldout_people_by_name(tmp_path):
     out_json, out_png = tmp_path / "retention.json", tmp_path / "retention.png"
     ckl("eval", "retention", "--model", str(DEFAULT_MODEL), "--people", "12", "--later", "0,1",
         "--filler-docs", "5", "--json", str(out_json), "--plot", str(out_png), cwd=tmp_path)
@@ -71,7 +71,9 @@ def test_default_checkpoint_recalls_injected_heldout_people_above_baseline(tmp_p
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result["documents"] == 12 and result["curve"][0]["questions"] == 60
     assert result["baseline_accuracy"] <= 0.1
-    assert result["fresh_accuracy"] >= result["baseline_accuracy"] + 0.1
+    # the committed checkpoint measured 92% / 97% here and 91% / 95% on 100 people (issue 5's bar: 90 / 80)
+    assert result["fresh_accuracy"] >= 0.75
+    assert result["curve"][1]["later"] == 1 and result["curve"][1]["accuracy"] >= 0.75
     assert result["lm_loss"] is not None and result["lm_loss"] < 4.0
 
 
@@ -83,6 +85,7 @@ def test_eval_retention_takes_foreign_documents_with_probes(tmp_path):
     assert data["documents"] == 3  # the document without probes is injected, not asked
     assert [p["questions"] for p in data["curve"]] == [9, 9, 9]
     assert data["lm_loss"] is None
+    assert data["fresh_accuracy"] >= 6 / 9  # names and wording not of our generator (measured 8/9)
     assert "no-injection baseline" in result.stdout
 
 
