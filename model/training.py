@@ -20,9 +20,7 @@ with the ZeRO stage of a JSON config; device and dtype come from the TrainConfig
 
 import dataclasses
 import json
-import os
 import random
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from model.distributed import prepare_distributed_env, resolve_device
 from model.memory_pool import MemoryState
 from model.memoryllm import MemoryLLM, MemoryLLMConfig
 from model.prompts import format_question
@@ -119,30 +118,6 @@ class Corpus(Protocol):
 
     def filler(self, rng: random.Random) -> str:
         """Plain text with no facts to learn."""
-
-
-# ------------------------------------------------------------------------------------------ environment
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> this rank's GPU when there is one, else the CPU; anything else as given."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
-def prepare_distributed_env(cache_dir: Path) -> None:
-    """Single-process defaults for what `deepspeed.initialize` needs (the launcher sets them on GPUs)."""
-    defaults = {"MASTER_ADDR": "127.0.0.1", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
-    for name, value in defaults.items():
-        os.environ.setdefault(name, value)
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cache_dir / "torch_extensions"))
 
 
 def build_model(config: TrainConfig, vocab_size: int) -> MemoryLLM:

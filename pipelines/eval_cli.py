@@ -43,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from model import MemoryLLM
+    from model.distributed import resolve_device
     from model.tokenizer import load_tokenizer
-    from model.training import resolve_device
     from monitoring.retention import ProbedText, format_table, measure_retention, plot_curve
     from pipelines.schema import InvalidDocument, parse_document
 
