@@ -208,13 +208,17 @@ def test_ckl_ingest_dag_applies_one_batch_per_run_and_commits_its_offsets(
     publish(kafka.bootstrap, topic_name, DOCS)
     before = memory_counts(server)
     dag = load_dag("ckl_ingest")
-    for run_number in (1, 2):
+    applied_before_run = 0
+    for _ in (1, 2):
         run = dag.test(run_conf={"topic": topic_name, "group": topic_name, "batch_size": BATCH_SIZE})
         assert run.state == "success"
         documents, injections = memory_counts(server)
-        assert documents - before[0] == BATCH_SIZE * run_number
-        assert injections - before[1] == BATCH_SIZE * run_number
-        assert consumer_lag(kafka.bootstrap, topic_name, topic_name) == DOCS - BATCH_SIZE * run_number
+        applied = documents - before[0]
+        # one batch: up to BATCH_SIZE documents (a poll idle for 0.5 s ends a batch early on a busy machine)
+        assert 1 <= applied - applied_before_run <= BATCH_SIZE
+        assert injections - before[1] == applied
+        assert consumer_lag(kafka.bootstrap, topic_name, topic_name) == DOCS - applied  # offsets committed
+        applied_before_run = applied
 
 
 def test_ckl_maintenance_dag_prunes_snapshots_on_the_server_down_to_keep_last(
