@@ -363,7 +363,8 @@ class Trainer:
         for stream in range(c.streams):
             asked = []
             for entry in episodes[stream]:
-                asked += [(qa, self._age_tag(entry)) for qa in rng.sample(entry.qas, c.questions_per_person)]
+                chosen = rng.sample(entry.qas, min(c.questions_per_person, len(entry.qas)))
+                asked += [(qa, self._age_tag(entry)) for qa in chosen]
             older = [e for e in self.pool_people[stream] if self._age(e) <= c.max_old_age]
             for entry in rng.sample(older, min(c.old_questions, len(older))):
                 asked.append((rng.choice(entry.qas), self._age_tag(entry)))
