@@ -46,6 +46,16 @@ def tile_pool(new_tokens: torch.Tensor, pool_size: int) -> torch.Tensor:
     return torch.cat(pieces, dim=1)
 
 
+def _permutations(
+    pool_size: int, num_layers: int, per_layer: bool, generator: torch.Generator | None
+) -> torch.Tensor:
+    """The random permutation(s) a drop is drawn from: [N], or [L, N] drawn in layer order, on the CPU so
+    a seeded CPU generator gives the same draws on every device."""
+    if not per_layer:
+        return torch.randperm(pool_size, generator=generator)
+    return torch.stack([torch.randperm(pool_size, generator=generator) for _ in range(num_layers)])
+
+
 def survivor_indices(
     pool_size: int,
     num_dropped: int,
@@ -53,17 +63,43 @@ def survivor_indices(
     per_layer: bool,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Indices of the tokens that survive a drop, ascending: [N - K] shared by all layers, or [L, N - K].
-
-    Drawn as the first N - K entries of a random permutation (one permutation, or one per layer in
-    layer order), on the CPU so a seeded CPU generator gives the same draws on every device.
-    """
+    """Indices of the tokens that survive a drop, ascending: [N - K] shared by all layers, or [L, N - K]:
+    the first N - K entries of the permutation(s)."""
     keep = pool_size - num_dropped
-    if not per_layer:
-        return torch.randperm(pool_size, generator=generator)[:keep].sort().values
-    return torch.stack(
-        [torch.randperm(pool_size, generator=generator)[:keep].sort().values for _ in range(num_layers)]
-    )
+    return _permutations(pool_size, num_layers, per_layer, generator)[..., :keep].sort().values
+
+
+def dropped_indices(
+    pool_size: int,
+    num_dropped: int,
+    num_layers: int,
+    per_layer: bool,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Indices of the K tokens a drop removes, ascending: [K] or [L, K]. For the same draws these are the
+    complement of `survivor_indices`: the last K entries of the permutation(s)."""
+    keep = pool_size - num_dropped
+    return _permutations(pool_size, num_layers, per_layer, generator)[..., keep:].sort().values
+
+
+def apply_drop(pool: torch.Tensor, dropped: torch.Tensor, new_tokens: torch.Tensor) -> torch.Tensor:
+    """concat(theta_l without the `dropped` indices ([K] or [L, K]), e_l): the survivors keep their order.
+
+    Pure tensor indexing, so replaying stored (new tokens, dropped indices) reproduces a pool bit for bit.
+    """
+    num_layers, pool_size, d = pool.shape
+    if new_tokens.shape[1] != dropped.shape[-1]:
+        raise ValueError(f"{new_tokens.shape[1]} new tokens do not replace {dropped.shape[-1]} dropped ones")
+    dropped = dropped.to(pool.device)
+    if dropped.dim() == 1:
+        keep = torch.ones(pool_size, dtype=torch.bool, device=pool.device)
+        keep[dropped] = False
+        survivors = pool[:, keep]
+    else:
+        keep = torch.ones(num_layers, pool_size, dtype=torch.bool, device=pool.device)
+        keep.scatter_(1, dropped, False)
+        survivors = pool[keep].view(num_layers, pool_size - dropped.shape[-1], d)
+    return torch.cat([survivors, new_tokens.to(pool.dtype)], dim=1)
 
 
 def drop_and_append(
@@ -80,12 +116,15 @@ def drop_and_append(
     num_new = new_tokens.shape[1]
     if num_new > pool_size:
         raise ValueError(f"cannot append {num_new} new tokens to a pool of {pool_size}")
-    keep = survivor_indices(pool_size, num_new, num_layers, per_layer, generator).to(pool.device)
-    if per_layer:  # keep: [L, N - K]
-        survivors = torch.gather(pool, 1, keep[:, :, None].expand(-1, -1, pool.shape[2]))
-    else:  # keep: [N - K]
-        survivors = pool[:, keep]
-    return torch.cat([survivors, new_tokens.to(pool.dtype)], dim=1)
+    return apply_drop(pool, dropped_indices(pool_size, num_new, num_layers, per_layer, generator), new_tokens)
+
+
+def replayed_pool(pool: torch.Tensor, new_tokens: torch.Tensor, dropped: torch.Tensor | None) -> torch.Tensor:
+    """The pool after re-applying a recorded update: tiling when `dropped` is None (the update that filled
+    an empty pool), otherwise `apply_drop`."""
+    if dropped is None:
+        return tile_pool(new_tokens.to(pool.dtype), pool.shape[1])
+    return apply_drop(pool, dropped, new_tokens)
 
 
 def updated_pool(

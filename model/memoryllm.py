@@ -331,6 +331,7 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         self.num_injections = 0  # contexts injected since the pool was loaded or built
         self.use_memory_cache = True  # reuse the pool's keys/values across queries (see memory_kv)
         self._memory_kv: tuple[tuple, list] | None = None  # (fingerprint, per-layer keys/values)
+        self._retrieved_kv: tuple | None = None  # the last query's retrieved tokens and prefix keys/values
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -423,6 +424,7 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
     def clear_memory_cache(self) -> None:
         """Drop the cached keys/values (they are rebuilt on the next query)."""
         self._memory_kv = None
+        self._retrieved_kv = None
 
     def _query_memory_kv(self, memory: torch.Tensor | None, use_memory_cache: bool | None):
         """The prefix keys/values for a query, or None when no memory takes part (uninitialised pool)."""
@@ -434,6 +436,43 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         if use_cache and not torch.is_grad_enabled():
             return self.memory_kv()
         return self._memory_kv_from(self.memory)
+
+    def _with_retrieved(self, memory_kv: list | None, retrieved: torch.Tensor) -> list:
+        """Prefix keys/values with retrieved tokens [L, r, d] or [B, L, r, d] placed right after the pool.
+
+        The layout [bos, pool, retrieved, text] puts a retrieved entry where a fresh injection's tokens
+        sit (the end of the pool, next to the text), so a model trained on fresh recall reads it without
+        further training; the pool keeps its positions, so its cached keys/values are reused as they are.
+        With no pool taking part the prefix is [bos, retrieved].
+        """
+        cached = self._retrieved_kv
+        if (cached is not None and cached[0] is retrieved and cached[1] == retrieved._version
+                and cached[2] is memory_kv and not torch.is_grad_enabled()):
+            return cached[3]  # the next decoding step of the same generation
+        self._retrieved_kv = None
+        if memory_kv is None:
+            combined = self._memory_kv_from(retrieved)
+        else:
+            combined = self._append_kv(memory_kv, retrieved)
+        if not torch.is_grad_enabled():  # holding the tensors keeps their identity unique while cached
+            self._retrieved_kv = (retrieved, retrieved._version, memory_kv, combined)
+        return combined
+
+    def _append_kv(self, memory_kv: list, retrieved: torch.Tensor) -> list:
+        """memory_kv with the keys/values of `retrieved` rows at the positions right after it."""
+        start = memory_kv[0][0].shape[2]
+        positions = torch.arange(start, start + retrieved.shape[-2], device=retrieved.device)[None]
+        cos, sin = self._position_embeddings(retrieved, positions)
+        combined = []
+        for i, (layer, (keys, values)) in enumerate(zip(self.model.layers, memory_kv, strict=True)):
+            rows = retrieved[i][None] if retrieved.dim() == 3 else retrieved[:, i]  # (1 or B, r, d)
+            new_keys, new_values = layer.prefix_kv(rows.to(keys.dtype), cos, sin)
+            batch = max(keys.shape[0], new_keys.shape[0])
+            combined.append((
+                torch.cat([keys.expand(batch, -1, -1, -1), new_keys.expand(batch, -1, -1, -1)], dim=2),
+                torch.cat([values.expand(batch, -1, -1, -1), new_values.expand(batch, -1, -1, -1)], dim=2),
+            ))
+        return combined
 
     # ----------------------------------------------------------------------------------------------- query
 
@@ -447,6 +486,7 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         memory: torch.Tensor | None = None,
         use_memory_cache: bool | None = None,
+        retrieved_memory: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
@@ -456,7 +496,9 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         past_key_values: a DynamicCache of text keys/values (created when use_cache); memory: an explicit
         pool [L, n, d] to query instead of the model's own, or one pool per row [B, L, n, d]
         (differentiable: training uses it);
-        use_memory_cache: override `self.use_memory_cache` (the cache is used only without autograd).
+        use_memory_cache: override `self.use_memory_cache` (the cache is used only without autograd);
+        retrieved_memory: memory tokens brought back from the bank, [L, r, d] for every row or [B, L, r, d]
+        one set per row, laid out after the pool: [bos, pool, retrieved, text] (see `_with_retrieved`).
         Other keyword arguments transformers passes (return_dict, ...) are accepted and ignored.
         """
         if (input_ids is None) == (inputs_embeds is None):
@@ -479,6 +521,8 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
             )
 
         memory_kv = self._query_memory_kv(memory, use_memory_cache)
+        if retrieved_memory is not None:
+            memory_kv = self._with_retrieved(memory_kv, retrieved_memory)
         self._activate_adapter(injection=False)
         prefix_length = memory_kv[0][0].shape[2] if memory_kv is not None else 0
         padding_mask = (
@@ -597,12 +641,31 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         """The pool [L, N, d] after injecting one context into `memory` (default: the model's pool), without
         changing the model: the functional path for training (gradients flow into later queries that pass
         it as `forward(memory=...)`). An explicit `memory` counts as initialised."""
+        new_tokens, dropped = self.memory_update(context_ids, context_attention_mask, memory, generator)
+        pool = memory if memory is not None else self.memory
+        return memory_pool.replayed_pool(pool, new_tokens, dropped)
+
+    def memory_update(
+        self,
+        context_ids: torch.Tensor,
+        context_attention_mask: torch.Tensor | None = None,
+        memory: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What injecting one context into `memory` (default: the model's pool) changes, without changing
+        it: the new tokens [L, K, d] in the pool's dtype and the indices to drop ([K], or [L, K] with
+        drop_memory_per_layer), or None when the update fills an empty pool by tiling. Apply it with
+        `memory_pool.replayed_pool`; recorded, it replays the update exactly (the memory bank does)."""
         new_tokens = self.new_memory_tokens(context_ids, context_attention_mask, memory)
         initialized = memory is not None or bool(self.initialized)
         pool = memory if memory is not None else self.memory
-        return memory_pool.updated_pool(
-            pool, new_tokens, initialized, self.config.drop_memory_per_layer, generator
+        if not initialized:
+            return new_tokens.to(pool.dtype), None
+        num_layers, pool_size, _ = pool.shape
+        dropped = memory_pool.dropped_indices(
+            pool_size, new_tokens.shape[1], num_layers, self.config.drop_memory_per_layer, generator
         )
+        return new_tokens.to(pool.dtype), dropped
 
     def batched_updated_memory(
         self,
