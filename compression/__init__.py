@@ -1,0 +1,1 @@
+"""CMT-style compression of documents into memory slots, the memory bank, and retrieval keys."""
