@@ -1,4 +1,5 @@
-"""ckl_maintenance: daily upkeep of the model server's state (snapshot pruning, keeping the last N).
+"""ckl_maintenance: daily upkeep of the model server's state: prune snapshots to the last N, then compact
+the memory bank.
 
 Wiring only; the work is `pipelines.maintenance`. The server address and write token come from
 CKL_SERVER_URL / CKL_WRITE_TOKEN or the local `.ckl/server.json` (see `pipelines.ingest.resolve_server`).
@@ -26,7 +27,13 @@ def ckl_maintenance():
 
         return prune_snapshots(keep_last=int(params["keep_last"]))
 
-    prune_snapshots()
+    @task
+    def compact_bank() -> dict:
+        from pipelines.maintenance import compact_bank
+
+        return compact_bank()
+
+    prune_snapshots() >> compact_bank()
 
 
 ckl_maintenance()

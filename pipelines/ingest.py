@@ -1,13 +1,14 @@
-"""The ingestion batch step of DESIGN.md as plain functions, used by the `ckl_ingest` DAG and `ckl ingest`.
+"""The ingestion batch step as plain functions, used by the `ckl_ingest` DAG and `ckl ingest`.
 
 One batch: consume -> validate (invalid to the DLQ, inside `DocumentSource.poll_batch`) -> inject through
-the model server (idempotent by doc_id) -> snapshot -> log to MLflow -> commit the Kafka offsets.
+the model server (idempotent by doc_id; durable when it returns: the server appends the batch's entries
+to its memory bank before answering) -> log to MLflow -> commit the Kafka offsets.
 
-Exactly once: offsets are committed only after the snapshot that holds the batch is durable. A crash
-before the commit redelivers the batch; the server's applied-doc ledger (restored with the snapshot)
-skips what it already has, and a server that lost unsnapshotted work re-applies it from the redelivery.
+Exactly once: offsets are committed only after the server answered the inject, so the batch's bank
+entries are durable. A crash before the commit redelivers the batch; the server's ledger (the bank's
+doc_ids) skips what it already has. A server killed before its append never applied the batch: it
+restarts from its checkpoint + bank replay and applies the redelivery.
 """
-
 import logging
 import os
 import time
@@ -103,17 +104,13 @@ def process_batch(source: DocumentSource, client: ModelServerClient, settings: I
     if batch.size == 0:
         return BatchReport(0, 0, 0, 0, 0, 0.0, None, None, {}, time.perf_counter() - started)
 
-    applied, duplicates, injections, injection_ms, version = [], [], 0, 0.0, None
+    applied, duplicates, injections, injection_ms, version, snapshot_id = [], [], 0, 0.0, None, None
     if batch.documents:
         result = client.inject(_inject_payload(batch))
         applied, duplicates = result.applied, result.skipped_duplicates
         injections, injection_ms, version = result.injections, result.injection_ms, result.memory_version
+        snapshot_id = result.checkpoint
     crash_point("after_inject")
-
-    # Always after a non-empty inject: a retried request may report applied documents as duplicates, and
-    # the server answers with its last snapshot when nothing changed, so this costs nothing then.
-    snapshot_id = client.snapshot().id if batch.documents else None
-    crash_point("after_snapshot")
 
     report = BatchReport(
         consumed=batch.size,
@@ -158,6 +155,7 @@ def _inject_payload(batch: Batch) -> list[dict]:
             "topic": sourced.topic,
             "partition": sourced.partition,
             "offset": sourced.offset,
+            "probes": [{"question": p.question, "answer": p.answer} for p in sourced.document.probes] or None,
         }
         for sourced in batch.documents
     ]

@@ -1,7 +1,9 @@
-"""Maintenance of the model server's state, used by the `ckl_maintenance` DAG: snapshot pruning.
+"""Maintenance of the model server's state, used by the `ckl_maintenance` DAG: snapshot pruning, then
+compaction of the memory bank.
 
-Snapshots live on the server's disk, so pruning goes through its API (under its write lock, never racing
-a snapshot being written).
+Snapshots and the bank live with the server, so both go through its API (under its write lock, never
+racing a batch or a snapshot being written). Pruning first lets compaction drop the exact tokens of every
+entry the oldest kept checkpoint covers.
 """
 
 from pipelines.ingest import resolve_server
@@ -17,3 +19,10 @@ def prune_snapshots(
     url, token = resolve_server(server_url)
     with ModelServerClient(url, token=token) as client:
         return client.prune_snapshots(keep_last).model_dump()
+
+
+def compact_bank(server_url: str | None = None) -> dict:
+    """Ask the server to compact its memory bank; returns what compaction did."""
+    url, token = resolve_server(server_url)
+    with ModelServerClient(url, token=token) as client:
+        return client.compact_bank().model_dump()

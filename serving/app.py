@@ -17,6 +17,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from serving.metrics import CONTENT_TYPE, ServerMetrics
 from serving.schemas import (
+    CompactResponse,
     HealthResponse,
     InjectRequest,
     InjectResponse,
@@ -26,6 +27,7 @@ from serving.schemas import (
     PruneResponse,
     QueryRequest,
     QueryResponse,
+    RetrievalInfo,
     SnapshotListResponse,
     SnapshotResponse,
 )
@@ -92,9 +94,11 @@ def create_app(
                 f"max_new_tokens is {request.max_new_tokens}, over the limit of {settings.max_new_tokens}",
             )
         started = time.perf_counter()
-        answer, memory_version = state.answer(request.question, request.max_new_tokens)
+        answer, memory_version, retrieved = state.answer(
+            request.question, request.max_new_tokens, request.retrieve
+        )
         metrics.observe_query(time.perf_counter() - started)
-        return QueryResponse(answer=answer, memory_version=memory_version)
+        return QueryResponse(answer=answer, memory_version=memory_version, retrieved=retrieved)
 
     @app.post("/v1/inject", dependencies=[Depends(require_write)])
     def inject(request: InjectRequest) -> InjectResponse:
@@ -122,6 +126,7 @@ def create_app(
             injections=result.injections,
             memory_version=result.memory_version,
             injection_ms=result.injection_ms,
+            checkpoint=result.checkpoint.id if result.checkpoint else None,
         )
 
     @app.post("/v1/snapshots", dependencies=[Depends(require_write)])
@@ -139,6 +144,12 @@ def create_app(
         kept = list_snapshots(settings.snapshot_root)
         return PruneResponse(removed=[path.name for path in removed], kept=[info.id for info in kept])
 
+    @app.post("/v1/bank/compact", dependencies=[Depends(require_write)])
+    def compact_bank() -> CompactResponse:
+        """Compact the memory bank: drop exact tokens every kept checkpoint covers (retrieval slots stay),
+        merge small files, delete old versions. Never runs during a batch."""
+        return CompactResponse(**state.compact_bank())
+
     @app.get("/v1/snapshots", dependencies=[Depends(require_read)])
     def snapshots() -> SnapshotListResponse:
         """The snapshots on disk, newest first."""
@@ -154,6 +165,8 @@ def create_app(
             injections=view.injections,
             documents_applied=view.documents_applied,
             last_offsets=view.last_offsets,
+            bank_entries=len(state.bank),
+            pool_sha256=state.runner.pool_sha256(),
         )
 
     @app.get("/v1/health", dependencies=[Depends(require_read)])
@@ -172,6 +185,12 @@ def create_app(
                 max_new_tokens=settings.max_new_tokens,
                 max_batch_documents=settings.max_batch_documents,
                 max_text_chars=settings.max_text_chars,
+            ),
+            retrieval=RetrievalInfo(
+                enabled=state.retriever is not None and settings.retrieval.enabled,
+                top_k=settings.retrieval.top_k,
+                token_budget=settings.retrieval.token_budget,
+                keys=settings.retrieval.keys,
             ),
         )
 

@@ -34,6 +34,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model dtype (default: the checkpoint's)")
     parser.add_argument("--context-tokens", type=int, default=None,
                         help="most tokens per injected context (default: the checkpoint's window)")
+    bank = parser.add_argument_group("memory bank and retrieval")
+    bank.add_argument("--bank", default=None,
+                      help="memory bank location, a path or object-store URI (default: .ckl/bank)")
+    bank.add_argument("--no-retrieval", action="store_true",
+                      help="answer from the pool alone unless a query asks for retrieval")
+    bank.add_argument("--top-k", type=int, default=1,
+                      help="most bank entries per question (default: 1; see docs/bank.md)")
+    bank.add_argument("--retrieval-budget", type=int, default=512,
+                      help="most retrieved tokens per layer per question (default: 512)")
+    bank.add_argument("--keys", default="bm25",
+                      help="retrieval key index: bm25, dense, hybrid (default: bm25)")
+    bank.add_argument("--slots", type=int, default=None,
+                      help="retrieval slots kept per layer and entry (default: all K)")
+    bank.add_argument("--slot-dtype", choices=("float16", "int8"), default="float16",
+                      help="dtype of the retrieval slots (default: float16)")
+    bank.add_argument("--checkpoint-every", type=int, default=50, metavar="BATCHES",
+                      help="write a full pool checkpoint every this many batches (default: 50)")
+    bank.add_argument("--checkpoint-every-s", type=float, default=600.0, metavar="SECONDS",
+                      help="... or after this many seconds, whichever comes first (default: 600)")
     parser.add_argument("--stop", action="store_true",
                         help="stop the server this state dir's server.json names, and exit")
 
@@ -51,12 +70,15 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from compression.bank import BankError
+    from compression.retrieval import RetrievalSettings
+    from compression.slots import SlotFormat
     from serving.app import create_app
     from serving.client import SERVER_FILE
     from serving.metrics import ServerMetrics
     from serving.runner import ModelRunner
-    from serving.settings import WRITE_TOKEN_ENV, ServerSettings
-    from serving.state import LiveState, NoValidSnapshot
+    from serving.settings import WRITE_TOKEN_ENV, CheckpointPolicy, ServerSettings
+    from serving.state import LiveState, NoValidSnapshot, open_bank
 
     checkpoint = args.model or DEFAULT_CHECKPOINT
     if not (checkpoint / "config.json").is_file():
@@ -70,15 +92,25 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         context_tokens=args.context_tokens,
         cache_dir=cache_dir(),
+        bank_uri=args.bank,
+        retrieval=RetrievalSettings(not args.no_retrieval, args.top_k, args.retrieval_budget, args.keys),
+        slot_format=SlotFormat(args.slots, args.slot_dtype),
+        checkpoints=CheckpointPolicy(args.checkpoint_every, args.checkpoint_every_s),
     )
     if settings.write_token is None:
         log.warning("%s is not set: writes (inject, snapshot) will be refused", WRITE_TOKEN_ENV)
 
     runner = ModelRunner(settings.checkpoint, settings.device, settings.dtype, settings.cache_dir)
-    state = LiveState(runner, settings.snapshot_root, settings.context_tokens)
+    try:
+        bank, retriever = open_bank(runner, settings.bank, settings.slot_format, settings.retrieval)
+    except BankError as error:
+        log.error("%s", error)
+        return 1
+    state = LiveState(runner, settings.snapshot_root, bank, retriever, settings.context_tokens,
+                      settings.checkpoints)
     try:
         restored = state.restore()
-    except NoValidSnapshot as error:
+    except (NoValidSnapshot, BankError) as error:
         log.error("%s", error)
         return 1
     if restored is None:
@@ -93,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
     sock.bind((args.host, args.port))
     url = f"http://{args.host}:{sock.getsockname()[1]}"
     _write_server_file(server_file, {"pid": os.getpid(), "url": url, "checkpoint": str(settings.checkpoint),
-                                     "snapshots": str(settings.snapshot_root)})
+                                     "snapshots": str(settings.snapshot_root),
+                                     "bank": settings.bank})
     log.info("serving %s at %s (API docs: %s/docs)", settings.checkpoint, url, url)
     uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False)).run(sockets=[sock])
     return 0

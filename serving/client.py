@@ -14,6 +14,7 @@ import httpx
 from pydantic import BaseModel
 
 from serving.schemas import (
+    CompactResponse,
     HealthResponse,
     InjectDocument,
     InjectRequest,
@@ -71,8 +72,9 @@ class ModelServerClient:
         self._retries = retries
         self._backoff_seconds = backoff_seconds
 
-    def query(self, question: str, max_new_tokens: int = 32) -> QueryResponse:
-        body = QueryRequest(question=question, max_new_tokens=max_new_tokens)
+    def query(self, question: str, max_new_tokens: int = 32, retrieve: bool | None = None) -> QueryResponse:
+        """Ask a question; `retrieve` overrides the server's retrieval setting for this query."""
+        body = QueryRequest(question=question, max_new_tokens=max_new_tokens, retrieve=retrieve)
         return self._call("POST", "/v1/query", QueryResponse, body)
 
     def inject(self, documents: Iterable[InjectDocument | Mapping[str, Any]]) -> InjectResponse:
@@ -87,6 +89,10 @@ class ModelServerClient:
     def prune_snapshots(self, keep_last: int) -> PruneResponse:
         """Delete all but the newest `keep_last` valid snapshots on the server's disk."""
         return self._call("POST", "/v1/snapshots/prune", PruneResponse, PruneRequest(keep_last=keep_last))
+
+    def compact_bank(self) -> CompactResponse:
+        """Compact the server's memory bank (see POST /v1/bank/compact)."""
+        return self._call("POST", "/v1/bank/compact", CompactResponse)
 
     def snapshots(self) -> list[SnapshotResponse]:
         return self._call("GET", "/v1/snapshots", SnapshotListResponse).snapshots

@@ -6,6 +6,7 @@ path, which leaves the live pool untouched), and publishes a finished pool. It h
 `serving.state.LiveState` decides who runs when.
 """
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 
 from model import MemoryState
 from model.engine import EngineConfig, load_engine
+from model.memory_pool import replayed_pool
 from model.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,8 @@ class ModelRunner:
         self.model = self.hosted.model  # the MemoryLLM under the engine: memory state and injections
         self.device = str(self.hosted.device)
         self.dtype = str(self.hosted.dtype).removeprefix("torch.")
+        self.base_state = self.model.memory_state()  # the checkpoint's own pool: a bank replays onto it
+        self._digest: tuple[int, str] | None = None
         log.info("hosting %s on %s (%s) with DeepSpeed inference", checkpoint, self.device, self.dtype)
 
     @property
@@ -44,9 +48,12 @@ class ModelRunner:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     @torch.no_grad()
-    def generate(self, prompt: str, max_new_tokens: int, stop: str = "\n") -> str:
-        """Greedy continuation of `prompt` from the live memory, ending at `stop` or after max_new_tokens."""
+    def generate(self, prompt: str, max_new_tokens: int, stop: str = "\n",
+                 retrieved: torch.Tensor | None = None) -> str:
+        """Greedy continuation of `prompt` from the live memory, ending at `stop` or after max_new_tokens;
+        `retrieved` memory tokens [L, r, d] from the bank go right after the pool."""
         ids = torch.tensor([self.encode(prompt)], device=self.device)
+        extra = {} if retrieved is None else {"retrieved_memory": retrieved.to(self.device)}
         output = self.hosted.generate(
             ids,
             attention_mask=torch.ones_like(ids),
@@ -56,17 +63,48 @@ class ModelRunner:
             tokenizer=self.tokenizer,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
+            **extra,
         )
         return self.tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
 
     @torch.no_grad()
-    def next_pool(self, pool: torch.Tensor | None, context_ids: list[int]) -> torch.Tensor:
-        """The pool after injecting one context into `pool` (None: the live pool); the live pool stays as is.
+    def next_pool(
+        self, pool: torch.Tensor | None, context_ids: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Inject one context into `pool` (None: the live pool) off to the side; the live pool stays as is.
 
-        Starting from the live pool lets the model fill an uninitialised pool by tiling.
+        Returns the new pool, the context's new tokens and the dropped indices (None when it fills an empty
+        pool by tiling), which is what the memory bank records to replay the update exactly.
         """
         ids = torch.tensor([context_ids], device=self.device)
-        return self.model.updated_memory(ids, memory=pool)
+        tokens, dropped = self.model.memory_update(ids, memory=pool)
+        base = pool if pool is not None else self.model.memory
+        return replayed_pool(base, tokens, dropped), tokens, dropped
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of token ids."""
+        return self.tokenizer.decode(ids)
+
+    @property
+    def memory_shape(self) -> tuple[int, int, int, str, bool]:
+        """(layers, tokens per injection K, hidden size, pool dtype, per-layer drops) of the hosted model."""
+        config = self.model.config
+        dtype = str(self.model.memory.dtype).removeprefix("torch.")
+        return (config.num_hidden_layers, config.num_tokens, config.hidden_size, dtype,
+                config.drop_memory_per_layer)
+
+    def live_pool(self) -> tuple[torch.Tensor, bool]:
+        """The live pool (not a copy) and whether it is initialised."""
+        return self.model.memory.detach(), bool(self.model.initialized)
+
+    def pool_sha256(self) -> str:
+        """SHA-256 of the live pool's bytes (computed once per memory version)."""
+        version = self.model.memory_version
+        if self._digest is None or self._digest[0] != version:
+            pool = self.model.memory.detach().contiguous().cpu()
+            digest = hashlib.sha256(pool.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+            self._digest = (version, digest)
+        return self._digest[1]
 
     def publish(self, pool: torch.Tensor, num_injections: int) -> None:
         """Make `pool` the live memory (after `num_injections` injections in all)."""

@@ -12,11 +12,20 @@ from pydantic import BaseModel, Field, field_validator
 class QueryRequest(BaseModel):
     question: str = Field(min_length=1, description="Plain text; the server builds the prompt.")
     max_new_tokens: int = Field(32, ge=1, description="Most tokens to generate for the answer.")
+    retrieve: bool | None = Field(
+        None, description="Bring back memory-bank entries for the question (null: the server's setting)."
+    )
 
 
 class QueryResponse(BaseModel):
     answer: str = Field(description="The generated answer, up to its first newline.")
     memory_version: int = Field(description="The memory version that answered.")
+    retrieved: list[str] = Field([], description="doc_ids of the bank entries put in front of the question.")
+
+
+class Probe(BaseModel):
+    question: str = Field(min_length=1)
+    answer: str = Field(min_length=1)
 
 
 class InjectDocument(BaseModel):
@@ -27,6 +36,7 @@ class InjectDocument(BaseModel):
     topic: str = Field(min_length=1, description="Kafka topic the document was consumed from.")
     partition: int = Field(ge=0, description="Kafka partition.")
     offset: int = Field(ge=0, description="Kafka offset of the document's message.")
+    probes: list[Probe] | None = Field(None, description="Questions the document answers (kept in the bank).")
 
     @field_validator("doc_id", "text")
     @classmethod
@@ -46,6 +56,7 @@ class InjectResponse(BaseModel):
     injections: int = Field(description="Contexts injected by this batch.")
     memory_version: int = Field(description="Memory version after the batch.")
     injection_ms: float = Field(description="Time spent computing the batch's memory update.")
+    checkpoint: str | None = Field(None, description="Id of the pool checkpoint this batch wrote, if due.")
 
 
 class MemoryResponse(BaseModel):
@@ -55,6 +66,8 @@ class MemoryResponse(BaseModel):
     last_offsets: dict[str, dict[int, int]] = Field(
         description="Last applied Kafka offset per topic and partition."
     )
+    bank_entries: int = Field(0, description="Entries in the memory bank (one per injected context).")
+    pool_sha256: str = Field("", description="SHA-256 of the live memory pool's bytes.")
 
 
 class SnapshotResponse(BaseModel):
@@ -77,11 +90,29 @@ class PruneResponse(BaseModel):
     kept: list[str] = Field(description="Ids of the snapshots left on disk, newest first.")
 
 
+class CompactResponse(BaseModel):
+    covered_seq: int | None = Field(
+        description="Entries below this seq lost their exact tokens (a checkpoint covers them); null when "
+        "no checkpoint exists."
+    )
+    entries_without_tokens: int = Field(description="Entries whose exact tokens this compaction dropped.")
+    fragments_removed: int
+    fragments_added: int
+    bytes_removed: int = Field(description="Bytes of old versions and orphaned files deleted.")
+
+
 class Limits(BaseModel):
     max_question_chars: int
     max_new_tokens: int
     max_batch_documents: int
     max_text_chars: int
+
+
+class RetrievalInfo(BaseModel):
+    enabled: bool = Field(description="Queries bring back bank entries unless they ask otherwise.")
+    top_k: int = Field(description="Most entries per question.")
+    token_budget: int = Field(description="Most retrieved tokens per layer per question.")
+    keys: str = Field(description="The key index that ranks entries.")
 
 
 class HealthResponse(BaseModel):
@@ -93,3 +124,4 @@ class HealthResponse(BaseModel):
     context_tokens: int = Field(description="Most tokens per injected context.")
     writes_enabled: bool = Field(description="False when the server has no write token configured.")
     limits: Limits
+    retrieval: RetrievalInfo

@@ -4,9 +4,21 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from compression.retrieval import RetrievalSettings
+from compression.slots import SlotFormat
+
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "model" / "default"  # the committed default model
 WRITE_TOKEN_ENV = "CKL_WRITE_TOKEN"
 READ_TOKEN_ENV = "CKL_READ_TOKEN"
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """When a full pool checkpoint is written after a batch: every n batches or t seconds, whichever first.
+    Between checkpoints the memory bank alone makes batches durable (replayed on restart)."""
+
+    every_batches: int = 50
+    every_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -15,6 +27,7 @@ class ServerSettings:
 
     checkpoint: Path
     snapshot_root: Path
+    bank_uri: str | None = None  # None: <snapshot_root>/../bank; a path or an object-store URI
     device: str | None = None  # None: the best available (cuda if present, else cpu)
     dtype: str = "auto"  # "auto": the checkpoint's own dtype
     context_tokens: int | None = None  # None: derived from the checkpoint's window
@@ -26,6 +39,14 @@ class ServerSettings:
     max_batch_documents: int = 512
     max_text_chars: int = 200_000
     query_concurrency: int = 1  # generations running at once; more only helps on a GPU
+    retrieval: RetrievalSettings = RetrievalSettings()
+    slot_format: SlotFormat = SlotFormat()
+    checkpoints: CheckpointPolicy = CheckpointPolicy()
+
+    @property
+    def bank(self) -> str:
+        """Where the memory bank lives."""
+        return self.bank_uri or str(self.snapshot_root.parent / "bank")
 
     @classmethod
     def from_environment(cls, **values: object) -> "ServerSettings":

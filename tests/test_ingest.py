@@ -29,7 +29,10 @@ DOCS = 10
 BATCH_SIZE = 4
 AFTER_CRASH_POLL_TIMEOUT_S = 15  # longer than the broker's session timeout of the killed consumer
 SERVER_ENV = {"OMP_NUM_THREADS": "1"}  # the machine is shared; one thread per server is plenty
-CRASH_STEPS = ["after_consume", "after_inject", "after_snapshot", "before_commit"]
+CRASH_STEPS = ["after_consume", "after_inject", "before_commit"]
+# where the model server dies: computing the batch, writing its bank entries (data files written, commit
+# not), and after the entries are durable but before the batch is published and answered
+SERVER_CRASH_STEPS = ["mid_inject", "mid_append", "after_append"]
 BATCH_METRICS = {"documents", "dlq", "injections", "injection_ms", "documents_per_s", "memory_version"}
 
 
@@ -165,11 +168,12 @@ def test_ingest_killed_at_each_step_then_rerun_applies_every_document_exactly_on
     assert_each_document_applied_once(kafka, server, topic_name, before)
 
 
-def test_server_killed_mid_batch_then_restarted_from_its_snapshot_applies_every_document_exactly_once(
-    kafka, mlflow_server, checkpoint, tmp_path, topic_name
+@pytest.mark.parametrize("step", SERVER_CRASH_STEPS)
+def test_server_killed_mid_batch_then_restarted_from_checkpoint_and_bank_applies_every_document_once(
+    kafka, mlflow_server, checkpoint, tmp_path, topic_name, step
 ):
     publish(kafka.bootstrap, topic_name, DOCS)
-    server = server_process(checkpoint, tmp_path / "state", **{CRASH_ENV: "mid_inject"}).start()
+    server = server_process(checkpoint, tmp_path / "state", **{CRASH_ENV: step}).start()
     try:
         failed = ingest(kafka, mlflow_server, server, topic_name)
         assert failed.returncode not in (0, -9)
@@ -178,7 +182,7 @@ def test_server_killed_mid_batch_then_restarted_from_its_snapshot_applies_every_
         assert consumer_lag(kafka.bootstrap, topic_name, topic_name) == DOCS
 
         server.env.pop(CRASH_ENV)
-        server.start()  # same port, restores its newest snapshot
+        server.start()  # same port; restores its checkpoint (none here) and replays its bank
         rerun = ingest(kafka, mlflow_server, server, topic_name, poll_timeout=AFTER_CRASH_POLL_TIMEOUT_S)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         assert_each_document_applied_once(kafka, server, topic_name, before=(0, 0))

@@ -16,6 +16,8 @@ import httpx
 import pytest
 from tiny_checkpoint import make_tiny_checkpoint
 
+from compression.retrieval import RetrievalSettings
+from compression.slots import SlotFormat
 from serving.client import ModelServerClient, ServerError
 from serving.process import ServerProcess, stop_running_server
 from serving.runner import ModelRunner
@@ -31,7 +33,7 @@ from serving.snapshots import (
     read_snapshot,
     write_snapshot,
 )
-from serving.state import LiveState, NoValidSnapshot
+from serving.state import LiveState, NoValidSnapshot, open_bank
 from serving.turns import ModelTurns
 
 CONTEXT_TOKENS = 16
@@ -253,6 +255,22 @@ def test_inject_applies_each_doc_once_and_a_redelivery_changes_nothing(client):
     assert client.memory() == after
 
 
+def test_queries_retrieve_the_bank_entry_they_ask_about_unless_told_not_to(client):
+    client.inject([
+        {"doc_id": "bank-curie", "text": "Marie Curie was born in Warsaw and studied in Paris.",
+         "topic": "ckl.docs", "partition": 1, "offset": 100,
+         "probes": [{"question": "Where was Marie Curie born?", "answer": "Warsaw"}]},
+        {"doc_id": "bank-turing", "text": "Alan Turing was born in London and worked at Bletchley Park.",
+         "topic": "ckl.docs", "partition": 1, "offset": 101},
+    ])
+
+    assert client.query("Where was Marie Curie born?", max_new_tokens=4).retrieved == ["bank-curie"]
+    assert client.query("What did Alan Turing work on?", max_new_tokens=4).retrieved == ["bank-turing"]
+    assert client.query("Where was Marie Curie born?", max_new_tokens=4, retrieve=False).retrieved == []
+    retrieval = client.health().retrieval
+    assert retrieval.enabled and retrieval.top_k == 1 and retrieval.keys == "bm25"
+
+
 def _token_counts(client: ModelServerClient, documents: list[dict]) -> list[list[int]]:
     """The documents' token ids, with the checkpoint's own tokenizer."""
     from model.tokenizer import load_tokenizer
@@ -332,6 +350,7 @@ def test_openapi_page_documents_every_endpoint_and_the_bearer_scheme(server):
     spec = httpx.get(f"{server.url}/openapi.json").json()
     assert set(spec["paths"]) == {
         "/v1/query", "/v1/inject", "/v1/snapshots", "/v1/snapshots/prune", "/v1/memory", "/v1/health",
+        "/v1/bank/compact",
         "/metrics",
     }
     assert spec["paths"]["/v1/inject"]["post"]["requestBody"]["content"]["application/json"]["schema"]
@@ -421,6 +440,39 @@ def test_snapshot_then_sigkill_then_restart_restores_the_same_state_and_answers(
     assert f"restored snapshot {snapshot.path}" in fresh_server.log()
 
 
+def test_without_any_checkpoint_a_killed_server_replays_its_bank_to_the_same_pool_bit_for_bit(fresh_server):
+    with ModelServerClient(fresh_server.url, token=WRITE_TOKEN) as client:
+        client.inject([document("wal-a", 1, sentences=3)])
+        client.inject([document("wal-b", 2), document("wal-c", 3, partition=1)])
+        before = client.memory()
+        assert client.snapshots() == []  # checkpoints are periodic: none is due after two batches
+
+    fresh_server.kill()
+    fresh_server.start()
+
+    with ModelServerClient(fresh_server.url, token=WRITE_TOKEN) as client:
+        assert client.memory() == before  # pool_sha256 included: the bank's replay is exact
+        assert client.inject([document("wal-b", 2)]).applied == []
+    assert f"replayed the whole bank ({before.bank_entries} entries)" in fresh_server.log()
+
+
+def test_compaction_keeps_what_the_oldest_checkpoint_needs_and_the_state_restores_after_it(fresh_server):
+    with ModelServerClient(fresh_server.url, token=WRITE_TOKEN) as client:
+        client.inject([document("compact-a", 1)])
+        checkpoint, at_checkpoint = client.snapshot(), client.memory().injections
+        client.inject([document("compact-b", 2)])
+        result = client.compact_bank()
+        before = client.memory()
+    assert result.covered_seq == result.entries_without_tokens == at_checkpoint > 0
+
+    fresh_server.kill()
+    fresh_server.start()
+
+    with ModelServerClient(fresh_server.url, token=WRITE_TOKEN) as client:
+        assert client.memory() == before
+    assert f"restored snapshot {checkpoint.path}" in fresh_server.log()
+
+
 @pytest.fixture
 def runner(checkpoint) -> Iterator[ModelRunner]:
     """The tiny checkpoint hosted in this process; the distributed defaults DeepSpeed sets are undone."""
@@ -432,13 +484,22 @@ def runner(checkpoint) -> Iterator[ModelRunner]:
         os.environ.update(saved)
 
 
-def test_corrupt_newest_snapshot_is_refused_and_the_previous_valid_one_restored(runner, checkpoint, tmp_path):
+def live_state(runner: ModelRunner, state_dir: Path) -> LiveState:
+    """A live state laid out as `ckl serve` lays it out in `state_dir` (snapshots/, bank/)."""
+    bank, retriever = open_bank(runner, str(state_dir / "bank"), SlotFormat(), RetrievalSettings())
+    return LiveState(runner, state_dir / "snapshots", bank, retriever, CONTEXT_TOKENS)
+
+
+def test_corrupt_newest_snapshot_is_refused_and_the_previous_one_restored_plus_bank_replay(
+    runner, checkpoint, tmp_path
+):
     state_dir = tmp_path / "state"
-    writer = LiveState(runner, state_dir / "snapshots", CONTEXT_TOKENS)  # snapshots as a server writes them
+    writer = live_state(runner, state_dir)  # snapshots and bank as a server writes them
     writer.apply([InjectDocument(**document("first", 1))])
-    first_view, first = writer.view(), writer.snapshot()
+    first = writer.snapshot()
     writer.apply([InjectDocument(**document("second", 2))])
-    second = writer.snapshot()
+    second_view, second = writer.view(), writer.snapshot()
+    second_pool = runner.pool_sha256()
     flip_byte(second.path / MEMORY_FILE)
 
     server = start_server(checkpoint, state_dir)
@@ -446,25 +507,28 @@ def test_corrupt_newest_snapshot_is_refused_and_the_previous_valid_one_restored(
         log = server.log()
         assert f"refusing corrupt snapshot {second.path}: {MEMORY_FILE}: sha256" in log
         assert f"restored snapshot {first.path}" in log
+        assert re.search(r"replayed \d+ bank entries", log)
         with ModelServerClient(server.url, token=WRITE_TOKEN) as client:
-            assert client.memory() == MemoryResponse(**asdict(first_view))
-            assert client.inject([document("second", 2)]).applied == ["second"]
+            # the older checkpoint + the bank's entry after it = the state the corrupt snapshot held
+            assert client.memory() == MemoryResponse(**asdict(second_view), bank_entries=len(writer.bank),
+                                                     pool_sha256=second_pool)
+            assert client.inject([document("second", 2)]).applied == []
     finally:
         server.stop()
 
 
 def test_restore_refuses_to_start_empty_when_no_snapshot_verifies(runner, tmp_path):
-    writer = LiveState(runner, tmp_path, CONTEXT_TOKENS)
+    writer = live_state(runner, tmp_path)
     writer.apply([InjectDocument(**document("only", 1))])
     only = writer.snapshot()
     (only.path / LEDGER_FILE).write_text("[]")
 
-    with pytest.raises(NoValidSnapshot, match=f"none of the 1 snapshots in {tmp_path}"):
-        LiveState(runner, tmp_path, CONTEXT_TOKENS).restore()
+    with pytest.raises(NoValidSnapshot, match=f"none of the 1 snapshots in {tmp_path / 'snapshots'}"):
+        live_state(runner, tmp_path).restore()
 
 
 def test_snapshot_is_written_again_only_when_memory_ledger_or_offsets_changed(runner, tmp_path):
-    state = LiveState(runner, tmp_path, CONTEXT_TOKENS)
+    state = live_state(runner, tmp_path)
     state.apply([InjectDocument(**document("a", 1))])
     first = state.snapshot()
     assert state.snapshot() == first
@@ -473,7 +537,7 @@ def test_snapshot_is_written_again_only_when_memory_ledger_or_offsets_changed(ru
     state.apply([InjectDocument(**document("a", 9))])  # a redelivery at a later offset moves the offsets
     second = state.snapshot()
     assert second != first and read_snapshot(second).last_offsets == {"ckl.docs": {0: 9}}
-    assert [info.path for info in list_snapshots(tmp_path)] == [second.path, first.path]
+    assert [info.path for info in list_snapshots(tmp_path / "snapshots")] == [second.path, first.path]
 
 
 def test_without_write_token_writes_are_refused_and_a_read_token_guards_reads(checkpoint, tmp_path):
