@@ -37,7 +37,7 @@ def documents(count: int, seed: int = 0) -> list:
 
 
 def pipeline_rate(docs: list, checkpoint: Path, state: Path, batch_size: int) -> float:
-    """Documents/s from the first poll to the last commit, through Kafka, HTTP and snapshots."""
+    """Documents/s from the first poll to the last commit, through Kafka, HTTP and the bank's appends."""
     info = LocalServices(state).start()
     token = secrets.token_urlsafe(12)
     server = ServerProcess(checkpoint, state, write_token=token).start()

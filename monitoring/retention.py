@@ -9,10 +9,16 @@ n = 0 is "fresh", right after its own injection. Answers are generated greedily 
 model.prompts and compared with `answers_match`. Next to the measured curve: the survival theory
 fresh x (1 - K/N)^n, the expected share of a document's memory tokens still in the pool after n later
 injections (K dropped at random out of N per injection). The model's pool is restored afterwards.
+
+With a bank (any object with `add(doc_id, text, tokens)` and `retrieve(questions)`, such as
+compression.retrieval.StreamBank), every injection is also appended to it and every probe is asked
+twice: from the pool alone and with the entries retrieved for the question after the pool; the result
+then has a second curve, "bank_curve", measured on the same injections.
 """
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +37,12 @@ class ProbedText:
     probes: tuple[tuple[str, str], ...]
 
 
+class Bank(Protocol):
+    def add(self, doc_id: str, text: str, tokens: torch.Tensor) -> None: ...
+
+    def retrieve(self, questions: Sequence[str]) -> list[torch.Tensor | None]: ...
+
+
 class QueryRunner:
     """Tokenises, injects and answers with one model (ids without special tokens, as in training)."""
 
@@ -42,33 +54,51 @@ class QueryRunner:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def inject(self, text: str) -> None:
-        """Inject a text, split into contexts that fit the model's window."""
+    def inject(self, text: str) -> list[tuple[str, torch.Tensor]]:
+        """Inject a text, split into contexts that fit the model's window; returns each context's text and
+        new memory tokens."""
         ids = self.encode(text)
         size = self.model.config.max_context_tokens
+        injected = []
         for start in range(0, len(ids), size):
-            chunk = torch.tensor(ids[start : start + size], device=self.device)
-            self.model.inject_memory(chunk, generator=self.generator)
+            chunk = ids[start : start + size]
+            context = torch.tensor(chunk, device=self.device)
+            tokens = self.model.inject_memory(context, generator=self.generator)
+            injected.append((text if len(chunk) == len(ids) else self.tokenizer.decode(chunk), tokens))
+        return injected
 
     @torch.no_grad()
-    def answer(self, questions: Sequence[str], max_new_tokens: int) -> list[str]:
-        """Greedy answers (text up to the first newline) to a batch of questions."""
+    def answer(self, questions: Sequence[str], max_new_tokens: int,
+               retrieved: Sequence[torch.Tensor | None] | None = None) -> list[str]:
+        """Greedy answers (text up to the first newline) to a batch of questions, each with its retrieved
+        memory tokens after the pool when given."""
+        if retrieved is not None:
+            shapes = {None if r is None else tuple(r.shape) for r in retrieved}
+            if len(shapes) > 1:  # rows must share one shape: ask them one by one
+                return [self.answer([question], max_new_tokens, [tokens])[0]
+                        for question, tokens in zip(questions, retrieved, strict=True)]
+            if shapes == {None}:
+                retrieved = None
         prompts = [self.encode(format_question(q)) for q in questions]
         length = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts], device=self.device)
         mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        extra = {}
+        if retrieved is not None:
+            extra["retrieved_memory"] = torch.stack(list(retrieved)).to(self.device)  # [B, L, r, d]
         out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                  do_sample=False, pad_token_id=pad, eos_token_id=None)
+                                  do_sample=False, pad_token_id=pad, eos_token_id=None, **extra)
         texts = self.tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)
         return [extract_answer(t) for t in texts]
 
     def accuracy_hits(self, probes: Sequence[tuple[str, str]], max_new_tokens: int,
-                      batch_size: int = 64) -> list[bool]:
+                      batch_size: int = 64, bank: Bank | None = None) -> list[bool]:
         hits = []
         for start in range(0, len(probes), batch_size):
             batch = probes[start : start + batch_size]
-            answers = self.answer([q for q, _ in batch], max_new_tokens)
+            questions = [q for q, _ in batch]
+            answers = self.answer(questions, max_new_tokens, bank.retrieve(questions) if bank else None)
             hits += [answers_match(a, truth) for a, (_, truth) in zip(answers, batch, strict=True)]
         return hits
 
@@ -85,8 +115,9 @@ class QueryRunner:
 
 
 def measure_retention(model, tokenizer, stream: Sequence[ProbedText], later: Sequence[int] = DEFAULT_LATER,
-                      lm_texts: Sequence[str] = (), seed: int = 0) -> dict:
-    """The baseline, the retention curve and the LM loss (see the module docstring) as a JSON-able dict.
+                      lm_texts: Sequence[str] = (), seed: int = 0, bank: Bank | None = None) -> dict:
+    """The baseline, the retention curve (and with a bank the bank's curve) and the LM loss (see the module
+    docstring) as a JSON-able dict.
 
     stream: the documents in injection order; those with probes are asked (a probed document at stream
     position i reaches n later injections only if i + n < len(stream)).
@@ -104,14 +135,21 @@ def measure_retention(model, tokenizer, stream: Sequence[ProbedText], later: Seq
         baseline = runner.accuracy_hits(all_probes, max_new_tokens)
         last_needed = max(probed_steps) + max(later)
         hits: dict[int, list[bool]] = {n: [] for n in later}
+        bank_hits: dict[int, list[bool]] = {n: [] for n in later}
         for step, doc in enumerate(tqdm(stream[: last_needed + 1], desc="retention", unit="injection")):
-            runner.inject(doc.text)
+            for chunk, (text, tokens) in enumerate(runner.inject(doc.text)):
+                if bank is not None:
+                    bank.add(f"{step}#{chunk}", text, tokens)
             asked = [(n, step - n) for n in later if step - n in probed_steps]
             questions = [(n, p) for n, index in asked for p in stream[index].probes]
             if questions:
-                results = runner.accuracy_hits([p for _, p in questions], max_new_tokens)
-                for (n, _), hit in zip(questions, results, strict=True):
-                    hits[n].append(hit)
+                probes = [p for _, p in questions]
+                pool_results = runner.accuracy_hits(probes, max_new_tokens)
+                bank_results = runner.accuracy_hits(probes, max_new_tokens, bank=bank) if bank else None
+                for i, (n, _) in enumerate(questions):
+                    hits[n].append(pool_results[i])
+                    if bank_results is not None:
+                        bank_hits[n].append(bank_results[i])
     finally:
         model.set_memory_state(saved)
     k, pool_size = model.config.num_tokens, model.config.pool_size
@@ -123,6 +161,9 @@ def measure_retention(model, tokenizer, stream: Sequence[ProbedText], later: Seq
         "survival": (1 - k / pool_size) ** n,
         "theory": None if fresh is None else fresh * (1 - k / pool_size) ** n,
     } for n in later]
+    bank_curve = None if bank is None else [
+        {"later": n, "accuracy": _mean(bank_hits[n]), "questions": len(bank_hits[n])} for n in later
+    ]
     return {
         "documents": len(probed_steps),
         "questions_per_point": len(all_probes),
@@ -131,6 +172,7 @@ def measure_retention(model, tokenizer, stream: Sequence[ProbedText], later: Seq
         "baseline_accuracy": _mean(baseline),
         "fresh_accuracy": fresh,
         "curve": curve,
+        "bank_curve": bank_curve,
         "lm_loss": lm_loss,
         "lm_perplexity": None if lm_loss is None else float(torch.tensor(lm_loss).exp()),
     }
@@ -141,10 +183,13 @@ def format_table(result: dict) -> str:
     lines = [f"K = {result['num_tokens']} tokens per injection, N = {result['pool_size']} "
              f"({result['documents']} documents, {result['questions_per_point']} questions)",
              f"no-injection baseline: {_percent(result['baseline_accuracy'])}",
-             f"{'later':>6} {'accuracy':>9} {'theory':>9} {'survival':>9} {'questions':>9}"]
-    for point in result["curve"]:
+             f"{'later':>6} {'accuracy':>9} {'theory':>9} {'survival':>9} {'questions':>9}"
+             + (f" {'with bank':>10}" if result.get("bank_curve") else "")]
+    bank_curve = result.get("bank_curve") or [None] * len(result["curve"])
+    for point, banked in zip(result["curve"], bank_curve, strict=True):
         lines.append(f"{point['later']:>6} {_percent(point['accuracy']):>9} {_percent(point['theory']):>9} "
-                     f"{point['survival']:>9.3f} {point['questions']:>9}")
+                     f"{point['survival']:>9.3f} {point['questions']:>9}"
+                     + (f" {_percent(banked['accuracy']):>10}" if banked else ""))
     if result["lm_loss"] is not None:
         lines.append(f"held-out LM loss: {result['lm_loss']:.3f} (perplexity {result['lm_perplexity']:.2f})")
     return "\n".join(lines)
@@ -160,7 +205,11 @@ def plot_curve(result: dict, path, title: str = "Retention after later injection
     points = [p for p in result["curve"] if p["accuracy"] is not None]
     later = [p["later"] for p in points]
     figure, axes = plt.subplots(figsize=(6.4, 4.2))
-    axes.plot(later, [p["accuracy"] for p in points], "o-", label="measured exact match")
+    axes.plot(later, [p["accuracy"] for p in points], "o-", label="pool alone: measured exact match")
+    banked = [p for p in result.get("bank_curve") or [] if p["accuracy"] is not None]
+    if banked:
+        axes.plot([p["later"] for p in banked], [p["accuracy"] for p in banked], "s-",
+                  label="pool + bank retrieval")
     if result["fresh_accuracy"] is not None:
         dense = sorted(set(range(0, max(later) + 1)) | set(later)) if later else []
         survival = 1 - result["num_tokens"] / result["pool_size"]
@@ -173,7 +222,7 @@ def plot_curve(result: dict, path, title: str = "Retention after later injection
     axes.set_ylabel("exact-match accuracy")
     axes.set_ylim(0, 1.02)
     axes.set_title(f"{title} (K={result['num_tokens']}, N={result['pool_size']})")
-    axes.legend(loc="upper right")
+    axes.legend(loc="center right" if banked else "upper right")
     axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("pipelines.ingest_cli", "consume documents from Kafka into the model server's memory"),
     "train": ("pipelines.train_cli", "train a MemoryLLM with DeepSpeed (`--preset default`: model/default)"),
     "eval": ("pipelines.eval_cli", "evaluate a model: `ckl eval retention` (recall after later injections)"),
+    "bank": ("pipelines.bank_cli", "inspect the memory bank: `ckl bank ls|show|stats`"),
     "serve": ("serving.cli", "run the model server: queries, memory injection and snapshots over HTTP"),
 }
 

@@ -2,7 +2,8 @@
 
 Starts Kafka and MLflow, starts the model server with the default model, publishes synthetic
 biographies (with probes) plus a few bad messages to `ckl.docs`, runs the `ckl_ingest` DAG until the
-topic is drained, asks the probes' questions over HTTP and prints the answers next to the truth.
+topic is drained, asks the probes' questions over HTTP from the memory pool alone and with retrieval
+from the memory bank, and prints both answers next to the truth.
 The services and the server stay up afterwards so you can explore; `ckl services down` and
 `ckl serve --stop` stop them.
 """
@@ -53,24 +54,33 @@ def write_stream(path: Path, people: int, seed: int) -> list[dict]:
     return documents
 
 
-def ask_probes(client: ModelServerClient, documents: list[dict], show: int) -> tuple[int, int]:
-    """Ask every probe; print the last `show` published documents' answers next to the truth; (right, asked).
+def ask_probes(client: ModelServerClient, documents: list[dict], show: int) -> tuple[int, int, int]:
+    """Ask every probe from the pool alone and with bank retrieval; print the answers about the first and
+    the last `show` published documents next to the truth; returns (right from pool, right with bank, asked).
 
     Kafka's partitions interleave the documents, so the order they were injected in is not the order
-    they were published in: `last` counts back in publishing order only."""
+    they were published in: `#` is the position in publishing order."""
     from model.prompts import answers_match
 
-    right = asked = 0
-    print(f"{'last':>4}  {'question':<58} {'answer':<22} truth")
-    for age, document in enumerate(reversed(documents)):
+    pool_right = bank_right = asked = 0
+    print(f"{'#':>3}  {'question':<52} {'pool alone':<24} {'with bank':<24} truth")
+    for position, document in enumerate(documents):
+        shown = position < show or position >= len(documents) - show
         for probe in document["probes"]:
-            answer = client.query(probe["question"], max_new_tokens=12).answer
-            ok = answers_match(answer, probe["answer"])
-            right, asked = right + ok, asked + 1
-            if age < show:
-                mark = "ok" if ok else "  "
-                print(f"{age:>4}  {probe['question'][:58]:<58} {answer[:22]:<22} {probe['answer']}  {mark}")
-    return right, asked
+            pool = client.query(probe["question"], max_new_tokens=12, retrieve=False).answer
+            bank = client.query(probe["question"], max_new_tokens=12).answer
+            pool_ok, bank_ok = answers_match(pool, probe["answer"]), answers_match(bank, probe["answer"])
+            pool_right, bank_right, asked = pool_right + pool_ok, bank_right + bank_ok, asked + 1
+            if shown:
+                print(f"{position:>3}  {probe['question'][:52]:<52} {_marked(pool, pool_ok):<24} "
+                      f"{_marked(bank, bank_ok):<24} {probe['answer']}")
+        if position == show - 1 and len(documents) > 2 * show:
+            print(f"{'...':>3}")
+    return pool_right, bank_right, asked
+
+
+def _marked(answer: str, ok: bool) -> str:
+    return f"{answer} {'ok' if ok else 'x'}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,14 +129,16 @@ def main(argv: list[str] | None = None) -> int:
 
         step(5, total, "Asking the probes' questions over HTTP (last = position from the end of what was "
                        "published; the 3 partitions interleave the injection order)")
-        right, asked = ask_probes(client, documents, show=3)
-    print(f"  exact match: {right}/{asked} = {right / max(asked, 1):.0%} over all {len(documents)} people "
-          "(recall fades after ~12 later injections: README, 'The default model')")
+        pool_right, bank_right, asked = ask_probes(client, documents, show=2)
+    print(f"  exact match over all {len(documents)} people: pool alone {pool_right}/{asked} = "
+          f"{pool_right / max(asked, 1):.0%} (the pool forgets after ~12 later injections), with the memory "
+          f"bank {bank_right}/{asked} = {bank_right / max(asked, 1):.0%}")
 
     step(6, total, "Where to look")
     print(f"  MLflow UI:    {info['mlflow_uri']}  (experiment ckl-ingest: one run per batch)")
     print(f"  model server: {server.url}/docs  (OpenAPI)")
     print(f"  dead letters: topic {DLQ_TOPIC} (reason and source offset in the headers)")
+    print("  memory bank:  .venv/bin/ckl bank stats  (and `ckl bank ls`, `ckl bank show DOC_ID`)")
     print("  stop with:    .venv/bin/ckl serve --stop && .venv/bin/ckl services down")
     print(f"\ndone in {time.monotonic() - started:.0f} s")
     return 0

@@ -5,11 +5,16 @@ pipelines/bios.py); with --docs they are the documents of a JSONL file in the DE
 with probes are asked; the file's other documents are injected too, in file order). Either way the later
 injections after the probed documents are further held-out biographies. See monitoring/retention.py for
 the protocol. Prints a table; writes JSON and a PNG plot on request.
+
+With --bank every injection is also appended to a real memory bank (a temporary directory) and each
+probe is asked twice, from the pool alone and with the bank's entries retrieved for the question: the
+two curves side by side. --later 200,1000 shows what the bank keeps long after the pool forgot.
 """
 
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 from pipelines import bios, filler
@@ -35,6 +40,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="held-out filler paragraphs for the LM loss (default 50; 0 to skip)")
     sub.add_argument("--seed", type=int, default=0, help="seed of the held-out draw and memory drops")
     sub.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:0, ...")
+    bank = sub.add_argument_group("memory bank")
+    bank.add_argument("--bank", action="store_true",
+                      help="also answer with retrieval from a memory bank fed by the same injections")
+    bank.add_argument("--top-k", type=int, default=1, help="most bank entries per question (default 1)")
+    bank.add_argument("--keys", default="bm25",
+                      help="retrieval key index: bm25, dense, hybrid (default bm25)")
+    bank.add_argument("--slots", type=int, default=None, help="retrieval slots per layer (default: all K)")
+    bank.add_argument("--slot-dtype", choices=("float16", "int8"), default="float16",
+                      help="dtype of the retrieval slots (default float16)")
     sub.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
     sub.add_argument("--plot", type=Path, default=None, help="write the curve as a PNG here")
 
@@ -71,8 +85,20 @@ def run(args: argparse.Namespace) -> int:
     # later injections after the last probed document: other held-out people, never probed
     stream += [ProbedText(d.text, ()) for d in heldout[args.people :]]
     lm_texts = [d.text for d in filler.filler_documents(args.filler_docs, "heldout", args.seed)]
-    result = measure_retention(model, tokenizer, stream, args.later, lm_texts, args.seed)
+    with tempfile.TemporaryDirectory(prefix="ckl-eval-bank-") as bank_dir:
+        bank = None
+        if args.bank:
+            from compression.retrieval import RetrievalSettings, StreamBank
+            from compression.slots import SlotFormat
+
+            settings = RetrievalSettings(top_k=args.top_k, token_budget=args.top_k * model.config.num_tokens,
+                                         keys=args.keys)
+            bank = StreamBank(model, bank_dir, settings, SlotFormat(args.slots, args.slot_dtype))
+        result = measure_retention(model, tokenizer, stream, args.later, lm_texts, args.seed, bank)
     result.update(model=str(args.model), docs=str(args.docs) if args.docs else "heldout people")
+    if args.bank:
+        result["bank"] = {"top_k": args.top_k, "keys": args.keys,
+                          "slots": args.slots or model.config.num_tokens, "slot_dtype": args.slot_dtype}
     print(format_table(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
