@@ -180,6 +180,11 @@ class MemoryBank:
     def doc_ids(self) -> frozenset[str]:
         return frozenset(self._doc_ids)
 
+    @property
+    def documents(self) -> int:
+        """How many distinct documents the bank holds."""
+        return len(self._doc_ids)
+
     def _positions(self, seqs: Sequence[int]) -> np.ndarray:
         wanted = np.asarray(seqs, dtype=np.int64)
         found = np.searchsorted(self._sorted_seqs, wanted)
@@ -286,10 +291,16 @@ class MemoryBank:
         fragments = write_fragments(table, self.uri)
         if before_commit is not None:
             before_commit()
+        rows_before = self._dataset.count_rows()
         self._dataset = lance.LanceDataset.commit(
             self.uri, lance.LanceOperation.Append(fragments), read_version=self._dataset.version
         )
-        self._load_index()
+        # appended rows come last and their seqs are the largest: extend the index instead of rereading it
+        self._sorted_seqs = np.concatenate([self._sorted_seqs, np.asarray(seqs, dtype=np.int64)])
+        self._positions_by_seq = np.concatenate(
+            [self._positions_by_seq, np.arange(rows_before, rows_before + len(seqs))]
+        )
+        self._doc_ids.update(entry.doc_id for entry in entries)
         return seqs
 
     def _check_shape(self, entry: NewEntry) -> None:
@@ -306,8 +317,7 @@ class MemoryBank:
 
     def truncate(self, version: int) -> int:
         """Delete the entries of memory versions after `version` (a rollback); returns how many."""
-        later = int(pc.sum(pc.greater(self._dataset.to_table(columns=["version"]).column("version"),
-                                      version)).as_py() or 0)
+        later = self._dataset.count_rows(filter=f"version > {int(version)}")
         if later:
             self._dataset.delete(f"version > {int(version)}")
             self._dataset = lance.dataset(self.uri)
@@ -340,7 +350,7 @@ class MemoryBank:
         return {
             "uri": self.uri,
             "entries": table.num_rows,
-            "documents": len(self._doc_ids),
+            "documents": self.documents,
             "memory_versions": len(pc.unique(table.column("version"))),
             "first_entry_at": pc.min(created).as_py() if table.num_rows else None,
             "last_entry_at": pc.max(created).as_py() if table.num_rows else None,

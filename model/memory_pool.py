@@ -46,29 +46,6 @@ def tile_pool(new_tokens: torch.Tensor, pool_size: int) -> torch.Tensor:
     return torch.cat(pieces, dim=1)
 
 
-def _permutations(
-    pool_size: int, num_layers: int, per_layer: bool, generator: torch.Generator | None
-) -> torch.Tensor:
-    """The random permutation(s) a drop is drawn from: [N], or [L, N] drawn in layer order, on the CPU so
-    a seeded CPU generator gives the same draws on every device."""
-    if not per_layer:
-        return torch.randperm(pool_size, generator=generator)
-    return torch.stack([torch.randperm(pool_size, generator=generator) for _ in range(num_layers)])
-
-
-def survivor_indices(
-    pool_size: int,
-    num_dropped: int,
-    num_layers: int,
-    per_layer: bool,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Indices of the tokens that survive a drop, ascending: [N - K] shared by all layers, or [L, N - K]:
-    the first N - K entries of the permutation(s)."""
-    keep = pool_size - num_dropped
-    return _permutations(pool_size, num_layers, per_layer, generator)[..., :keep].sort().values
-
-
 def dropped_indices(
     pool_size: int,
     num_dropped: int,
@@ -76,10 +53,20 @@ def dropped_indices(
     per_layer: bool,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Indices of the K tokens a drop removes, ascending: [K] or [L, K]. For the same draws these are the
-    complement of `survivor_indices`: the last K entries of the permutation(s)."""
+    """Indices of the K tokens a drop removes, ascending: [K] shared by all layers, or [L, K].
+
+    Drawn as the last K entries of a random permutation (one permutation, or one per layer in layer
+    order), on the CPU so a seeded CPU generator gives the same draws on every device; the survivors are
+    the first N - K entries.
+    """
+    if num_dropped > pool_size:
+        raise ValueError(f"cannot drop {num_dropped} tokens from a pool of {pool_size}")
     keep = pool_size - num_dropped
-    return _permutations(pool_size, num_layers, per_layer, generator)[..., keep:].sort().values
+    if not per_layer:
+        return torch.randperm(pool_size, generator=generator)[keep:].sort().values
+    return torch.stack(
+        [torch.randperm(pool_size, generator=generator)[keep:].sort().values for _ in range(num_layers)]
+    )
 
 
 def apply_drop(pool: torch.Tensor, dropped: torch.Tensor, new_tokens: torch.Tensor) -> torch.Tensor:
@@ -102,29 +89,26 @@ def apply_drop(pool: torch.Tensor, dropped: torch.Tensor, new_tokens: torch.Tens
     return torch.cat([survivors, new_tokens.to(pool.dtype)], dim=1)
 
 
-def drop_and_append(
-    pool: torch.Tensor,
-    new_tokens: torch.Tensor,
-    per_layer: bool,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """theta_l <- concat(theta_l[survivors], e_l): drop K = new_tokens.shape[1] random tokens, append the new.
-
-    pool: [L, N, d]; new_tokens: [L, K, d] with K <= N. Returns a new [L, N, d] tensor.
-    """
-    num_layers, pool_size, _ = pool.shape
-    num_new = new_tokens.shape[1]
-    if num_new > pool_size:
-        raise ValueError(f"cannot append {num_new} new tokens to a pool of {pool_size}")
-    return apply_drop(pool, dropped_indices(pool_size, num_new, num_layers, per_layer, generator), new_tokens)
-
-
 def replayed_pool(pool: torch.Tensor, new_tokens: torch.Tensor, dropped: torch.Tensor | None) -> torch.Tensor:
     """The pool after re-applying a recorded update: tiling when `dropped` is None (the update that filled
     an empty pool), otherwise `apply_drop`."""
     if dropped is None:
         return tile_pool(new_tokens.to(pool.dtype), pool.shape[1])
     return apply_drop(pool, dropped, new_tokens)
+
+
+def next_drop(
+    pool: torch.Tensor,
+    num_new: int,
+    initialized: bool,
+    per_layer: bool,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor | None:
+    """The indices the next update of `pool` [L, N, d] drops, or None when it fills an empty pool (tiling)."""
+    if not initialized:
+        return None
+    num_layers, pool_size, _ = pool.shape
+    return dropped_indices(pool_size, num_new, num_layers, per_layer, generator)
 
 
 def updated_pool(
@@ -134,7 +118,6 @@ def updated_pool(
     per_layer: bool,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """The pool after one self-update: tiling when it is still empty, otherwise drop K and append."""
-    if not initialized:
-        return tile_pool(new_tokens.to(pool.dtype), pool.shape[1])
-    return drop_and_append(pool, new_tokens, per_layer, generator)
+    """The pool after one self-update: tiling when it is still empty, else drop K at random and append."""
+    dropped = next_drop(pool, new_tokens.shape[1], initialized, per_layer, generator)
+    return replayed_pool(pool, new_tokens, dropped)

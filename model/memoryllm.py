@@ -659,11 +659,8 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         new_tokens = self.new_memory_tokens(context_ids, context_attention_mask, memory)
         initialized = memory is not None or bool(self.initialized)
         pool = memory if memory is not None else self.memory
-        if not initialized:
-            return new_tokens.to(pool.dtype), None
-        num_layers, pool_size, _ = pool.shape
-        dropped = memory_pool.dropped_indices(
-            pool_size, new_tokens.shape[1], num_layers, self.config.drop_memory_per_layer, generator
+        dropped = memory_pool.next_drop(
+            pool, new_tokens.shape[1], initialized, self.config.drop_memory_per_layer, generator
         )
         return new_tokens.to(pool.dtype), dropped
 
@@ -699,7 +696,7 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
             hidden = out[:, prefix:]
         new_tokens = torch.stack(new_tokens, dim=1)  # (B, L, K, d)
         return torch.stack([
-            memory_pool.drop_and_append(pool, tokens, self.config.drop_memory_per_layer, generator)
+            memory_pool.updated_pool(pool, tokens, True, self.config.drop_memory_per_layer, generator)
             for pool, tokens in zip(pools, new_tokens, strict=True)
         ])
 

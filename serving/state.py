@@ -162,7 +162,7 @@ class LiveState:
                 self._view = StateView(
                     memory_version=version,
                     injections=view.injections + len(contexts),
-                    documents_applied=len(self.bank.doc_ids),
+                    documents_applied=self.bank.documents,
                     last_offsets=offsets,
                 )
             log.info(
@@ -285,7 +285,7 @@ class LiveState:
         self._view = StateView(
             memory_version=max(base_version, result.last_version or 0),
             injections=first_seq + result.entries,
-            documents_applied=len(self.bank.doc_ids),
+            documents_applied=self.bank.documents,
             last_offsets=offsets,
         )
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from model import MemoryLLM, MemoryLLMConfig, MemoryState, MemoryStateError
-from model.memory_pool import survivor_indices, tile_pool
+from model.memory_pool import dropped_indices, tile_pool
 
 REFERENCE = Path(__file__).parent / "data" / "reference_tiny"
 K, N = 4, 12
@@ -100,8 +100,9 @@ def test_per_layer_drop_draws_each_layer_separately():
     positions = [row_positions(model.memory[layer, : N - K], before[layer]) for layer in range(2)]
     assert all(p == sorted(set(p)) for p in positions)
     assert positions[0] != positions[1]
-    expected = survivor_indices(N, K, 2, per_layer=True, generator=torch.Generator().manual_seed(3))
-    assert positions == expected.tolist()
+    dropped = dropped_indices(N, K, 2, per_layer=True, generator=torch.Generator().manual_seed(3))
+    expected = [[i for i in range(N) if i not in set(layer.tolist())] for layer in dropped]
+    assert positions == expected
 
 
 @pytest.mark.parametrize(("context", "pattern"), [(SHORT_CONTEXT, [0, 1] * 6), (CONTEXT, [0, 1, 2, 3] * 3)])
