@@ -127,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{memory.injections} contexts injected, memory version {memory.memory_version}; "
               f"{topic_size(bootstrap, DLQ_TOPIC) - dead_letters_before} messages sent to {DLQ_TOPIC}")
 
-        step(5, total, "Asking the probes' questions over HTTP (last = position from the end of what was "
-                       "published; the 3 partitions interleave the injection order)")
+        step(5, total, "Asking the probes' questions over HTTP, from the pool alone and with the memory bank "
+                       "(# = position in publishing order; the 3 partitions interleave the injection order)")
         pool_right, bank_right, asked = ask_probes(client, documents, show=2)
     print(f"  exact match over all {len(documents)} people: pool alone {pool_right}/{asked} = "
           f"{pool_right / max(asked, 1):.0%} (the pool forgets after ~12 later injections), with the memory "
