@@ -218,9 +218,16 @@ class MemoryBank:
         """Every entry, every column, as one Arrow table (in storage order)."""
         return self._dataset.to_table()
 
-    def texts(self) -> tuple[list[int], list[str]]:
-        """Every entry's (seq, text), in seq order: what retrieval keys are built from."""
-        table = self._dataset.to_table(columns=["seq", "text"]).sort_by("seq")
+    def reload(self) -> None:
+        """Read the newest committed version (another process appends: a read replica)."""
+        self._dataset = lance.dataset(self.uri)
+        self._load_index()
+
+    def texts(self, from_seq: int = 0) -> tuple[list[int], list[str]]:
+        """The (seq, text) of the entries from `from_seq` on, in seq order: what retrieval keys are built
+        from."""
+        table = self._dataset.to_table(columns=["seq", "text"], filter=f"seq >= {int(from_seq)}" if from_seq
+                                       else None).sort_by("seq")
         return table.column("seq").to_pylist(), table.column("text").to_pylist()
 
     def records(self, from_seq: int = 0, batch_size: int = 64) -> Iterator[PoolRecord]:
@@ -323,6 +330,14 @@ class MemoryBank:
             self._dataset = lance.dataset(self.uri)
             self._load_index()
         return later
+
+    def entries_without_tokens(self, from_seq: int, to_seq: int) -> int:
+        """How many entries with from_seq <= seq < to_seq lost their exact tokens to compaction (a replay
+        over them is impossible)."""
+        if to_seq <= from_seq:
+            return 0
+        return self._dataset.count_rows(
+            filter=f"seq >= {int(from_seq)} AND seq < {int(to_seq)} AND tokens IS NULL")
 
     def compact(self, covered_seq: int | None = None) -> dict:
         """Drop the exact tokens of entries below `covered_seq` (a checkpoint covers them; their retrieval

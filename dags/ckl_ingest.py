@@ -1,4 +1,4 @@
-"""ckl_ingest: one ingestion batch per run (consume -> DLQ -> inject -> snapshot -> commit).
+"""ckl_ingest: one ingestion batch per run (consume -> DLQ -> inject -> probes -> MLflow -> commit).
 
 Wiring only; the work is `pipelines.ingest`. Addresses come from CKL_* environment variables or the
 local `.ckl/` files (see `IngestSettings.resolve`); batch size, topic and group are run parameters.

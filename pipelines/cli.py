@@ -18,6 +18,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("pipelines.train_cli", "train a MemoryLLM with DeepSpeed (`--preset default`: model/default)"),
     "eval": ("pipelines.eval_cli", "evaluate a model: `ckl eval retention` (recall after later injections)"),
     "bank": ("pipelines.bank_cli", "inspect the memory bank: `ckl bank ls|show|stats`"),
+    "report": ("pipelines.report_cli", "the retention dashboard (HTML); `--check` alerts on low retention"),
+    "snapshots": ("pipelines.snapshots_cli", "list the server's pool checkpoints: `ckl snapshots list`"),
+    "rollback": ("pipelines.rollback_cli", "take the memory back: `ckl rollback VERSION --replay|--skip`"),
     "serve": ("serving.cli", "run the model server: queries, memory injection and snapshots over HTTP"),
 }
 

@@ -3,7 +3,7 @@
 Starts Kafka and MLflow, starts the model server with the default model, publishes synthetic
 biographies (with probes) plus a few bad messages to `ckl.docs`, runs the `ckl_ingest` DAG until the
 topic is drained, asks the probes' questions over HTTP from the memory pool alone and with retrieval
-from the memory bank, and prints both answers next to the truth.
+from the memory bank, prints both answers next to the truth, and writes the retention dashboard.
 The services and the server stay up afterwards so you can explore; `ckl services down` and
 `ckl serve --stop` stop them.
 """
@@ -16,11 +16,13 @@ import sys
 import time
 from pathlib import Path
 
+from monitoring.tracking import experiment_name
 from pipelines.airflow_env import airflow_environment, migrate, run_dag
 from pipelines.bios import bio_document, generate_people
 from pipelines.ingest import SERVER_URL_ENV
 from pipelines.kafka_io import DLQ_TOPIC, DOCS_TOPIC, consumer_lag, topic_size
 from pipelines.paths import state_dir
+from pipelines.report_cli import publish
 from pipelines.services import LocalServices
 from pipelines.source import DEFAULT_GROUP
 from serving.client import ModelServerClient
@@ -134,11 +136,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{pool_right / max(asked, 1):.0%} (the pool forgets after ~12 later injections), with the memory "
           f"bank {bank_right}/{asked} = {bank_right / max(asked, 1):.0%}")
 
-    step(6, total, "Where to look")
-    print(f"  MLflow UI:    {info['mlflow_uri']}  (experiment ckl-ingest: one run per batch)")
+    step(6, total, "Writing the retention dashboard from MLflow; where to look")
+    report = state / "report.html"
+    alerts = publish(report, mlflow_uri=info["mlflow_uri"])
+    print(f"  dashboard:    {report}  ({'ALERT: ' + '; '.join(alerts) if alerts else 'retention OK'})")
+    print(f"  MLflow UI:    {info['mlflow_uri']}  (experiment {experiment_name()}: a run per memory lineage, "
+          "a nested run per batch)")
     print(f"  model server: {server.url}/docs  (OpenAPI)")
     print(f"  dead letters: topic {DLQ_TOPIC} (reason and source offset in the headers)")
     print("  memory bank:  .venv/bin/ckl bank stats  (and `ckl bank ls`, `ckl bank show DOC_ID`)")
+    print("  rollback:     .venv/bin/ckl snapshots list, .venv/bin/ckl rollback VERSION --replay|--skip")
     print("  stop with:    .venv/bin/ckl serve --stop && .venv/bin/ckl services down")
     print(f"\ndone in {time.monotonic() - started:.0f} s")
     return 0

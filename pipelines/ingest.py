@@ -2,30 +2,36 @@
 
 One batch: consume -> validate (invalid to the DLQ, inside `DocumentSource.poll_batch`) -> inject through
 the model server (idempotent by doc_id; durable when it returns: the server appends the batch's entries
-to its memory bank before answering) -> log to MLflow -> commit the Kafka offsets.
+to its memory bank before answering; documents a rollback excluded go to the DLQ) -> retention probes
+within a budget -> log to MLflow -> commit the Kafka offsets.
 
 Exactly once: offsets are committed only after the server answered the inject, so the batch's bank
 entries are durable. A crash before the commit redelivers the batch; the server's ledger (the bank's
 doc_ids) skips what it already has. A server killed before its append never applied the batch: it
 restarts from its checkpoint + bank replay and applies the redelivery.
 """
+import functools
 import logging
 import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
+from monitoring.probes import probe_metrics
+from monitoring.tracking import MLFLOW_URI_ENV
 from pipelines.faults import crash_point
 from pipelines.kafka_io import DOCS_TOPIC
 from pipelines.paths import state_dir
 from pipelines.services import load_services_info
 from pipelines.source import DEFAULT_GROUP, Batch, DocumentSource
 from serving.client import ModelServerClient, read_server_file
+from serving.schemas import InjectResponse, ProbeResponse
 from serving.settings import WRITE_TOKEN_ENV
 
 log = logging.getLogger(__name__)
 
-BOOTSTRAP_ENV, SERVER_URL_ENV, MLFLOW_URI_ENV = "CKL_KAFKA_BOOTSTRAP", "CKL_SERVER_URL", "CKL_MLFLOW_URI"
+BOOTSTRAP_ENV, SERVER_URL_ENV = "CKL_KAFKA_BOOTSTRAP", "CKL_SERVER_URL"
+EXCLUDED_REASON = "excluded by rollback"
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,8 @@ class IngestSettings:
     group: str = DEFAULT_GROUP
     batch_size: int = 32
     poll_timeout_s: float = 10.0
+    probe_questions: int = 10  # retention probes per batch (0: none)
+    probe_share: float = 0.2  # and no new probe question once probing took this share of the batch's time
 
     @classmethod
     def resolve(cls, **given: object) -> "IngestSettings":
@@ -80,10 +88,18 @@ class BatchReport:
     snapshot_id: str | None
     offsets: dict[int, int]
     seconds: float
+    excluded: int = 0
+    probe_ms: float = 0.0
+    retention: dict[str, float] = field(default_factory=dict)  # probe metrics (monitoring.probes)
 
     @property
     def empty(self) -> bool:
         return self.consumed == 0
+
+    @property
+    def probe_share(self) -> float:
+        """The share of the batch's time spent probing."""
+        return self.probe_ms / (self.seconds * 1000) if self.seconds else 0.0
 
 
 def open_source(settings: IngestSettings) -> DocumentSource:
@@ -97,35 +113,38 @@ def open_client(settings: IngestSettings) -> ModelServerClient:
 
 
 def process_batch(source: DocumentSource, client: ModelServerClient, settings: IngestSettings) -> BatchReport:
-    """Consume one batch and make it durable, then commit its offsets. An empty poll does nothing."""
+    """Consume one batch and make it durable, probe retention, then commit its offsets. An empty poll does
+    nothing."""
     started = time.perf_counter()
     batch = source.poll_batch(settings.batch_size, settings.poll_timeout_s)
     crash_point("after_consume")
     if batch.size == 0:
         return BatchReport(0, 0, 0, 0, 0, 0.0, None, None, {}, time.perf_counter() - started)
 
-    applied, duplicates, injections, injection_ms, version, snapshot_id = [], [], 0, 0.0, None, None
-    if batch.documents:
-        result = client.inject(_inject_payload(batch))
-        applied, duplicates = result.applied, result.skipped_duplicates
-        injections, injection_ms, version = result.injections, result.injection_ms, result.memory_version
-        snapshot_id = result.checkpoint
+    result = client.inject(_inject_payload(batch)) if batch.documents else None
+    if result is not None and result.excluded:
+        excluded = set(result.excluded)
+        source.dead_letter([d for d in batch.documents if d.document.doc_id in excluded], EXCLUDED_REASON)
     crash_point("after_inject")
+    probe = _probe(client, settings, time.perf_counter() - started) if result and result.applied else None
 
     report = BatchReport(
         consumed=batch.size,
-        applied=len(applied),
-        duplicates=len(duplicates),
-        dead_lettered=batch.dead_lettered,
-        injections=injections,
-        injection_ms=injection_ms,
-        memory_version=version,
-        snapshot_id=snapshot_id,
+        applied=len(result.applied) if result else 0,
+        duplicates=len(result.skipped_duplicates) if result else 0,
+        dead_lettered=batch.dead_lettered + (len(result.excluded) if result else 0),
+        injections=result.injections if result else 0,
+        injection_ms=result.injection_ms if result else 0.0,
+        memory_version=result.memory_version if result else None,
+        snapshot_id=result.checkpoint if result else None,
         offsets=dict(batch.offsets),
         seconds=time.perf_counter() - started,
+        excluded=len(result.excluded) if result else 0,
+        probe_ms=probe.elapsed_ms if probe else 0.0,
+        retention=probe_metrics(probe.model_dump()) if probe else {},
     )
-    if settings.mlflow_uri:
-        _log_to_mlflow(settings, batch, report)
+    if settings.mlflow_uri and result is not None:
+        _log_to_mlflow(settings, client, batch, report, result)
     crash_point("before_commit")
     source.commit(batch)
     log.info("batch done: %s", report)
@@ -161,22 +180,63 @@ def _inject_payload(batch: Batch) -> list[dict]:
     ]
 
 
-def _log_to_mlflow(settings: IngestSettings, batch: Batch, report: BatchReport) -> None:
-    from monitoring.tracking import log_batch
+def _probe(client: ModelServerClient, settings: IngestSettings, batch_seconds: float) -> ProbeResponse | None:
+    """Retention probes on the memory the batch produced, within the settings' budget."""
+    if settings.probe_questions <= 0:
+        return None
+    # probing may take `probe_share` of the batch's whole time: p <= share * (batch + p)
+    max_ms = 1000 * batch_seconds * settings.probe_share / (1 - settings.probe_share)
+    return client.probe(settings.probe_questions, max_ms=max(max_ms, 1.0))
 
+
+@functools.cache
+def _tracker(tracking_uri: str):
+    from monitoring.tracking import Tracker
+
+    return Tracker(tracking_uri)
+
+
+def _log_to_mlflow(settings: IngestSettings, client: ModelServerClient, batch: Batch, report: BatchReport,
+                   result: InjectResponse) -> None:
+    tracker = _tracker(settings.mlflow_uri)
+    lineage_run = tracker.lineage_run(result.lineage, params=lambda: _lineage_params(client, settings))
     metrics = {
         "documents": report.applied,
         "duplicates": report.duplicates,
         "dlq": report.dead_lettered,
+        "excluded": report.excluded,
         "injections": report.injections,
         "injection_ms": report.injection_ms,
         "documents_per_s": report.applied / report.seconds if report.seconds else 0.0,
+        "memory_version": result.memory_version,
+        "bank_version": result.bank_version,
+        "probe_ms": report.probe_ms,
+        "probe_share": report.probe_share,
+    } | report.retention
+    tags = {
+        "topic": batch.topic, "group": settings.group, "lineage": result.lineage,
+        "memory_version": str(result.memory_version), "bank_version": str(result.bank_version),
+        "checkpoint": report.snapshot_id or "", "pool_sha256": result.pool_sha256,
     }
-    if report.memory_version is not None:
-        metrics["memory_version"] = report.memory_version
-    tags = {"topic": batch.topic, "group": settings.group, "snapshot": report.snapshot_id or ""}
     tags |= {f"offset.{partition}": str(offset) for partition, offset in sorted(batch.offsets.items())}
-    log_batch(settings.mlflow_uri, metrics, tags)
+    tracker.log_batch(lineage_run, result.memory_version, metrics, tags)
+    if report.snapshot_id:  # a checkpoint: keep the retention curve by age as it stands
+        from monitoring.report import save_retention_by_age
+
+        tracker.log_file(lineage_run, f"retention/curve-v{result.memory_version}.png",
+                         lambda path: save_retention_by_age(settings.mlflow_uri, lineage_run, path))
+
+
+def _lineage_params(client: ModelServerClient, settings: IngestSettings) -> dict[str, object]:
+    """What a lineage run records about the deployment (read once, when the lineage is first seen)."""
+    health = client.health()
+    return {
+        "model": health.checkpoint, "device": health.device, "dtype": health.dtype,
+        "pool_tokens": health.memory.pool_tokens, "tokens_per_injection": health.memory.tokens_per_injection,
+        "context_tokens": health.context_tokens, "batch_size": settings.batch_size,
+        "retrieval": health.retrieval.enabled, "top_k": health.retrieval.top_k,
+        "retrieval_budget": health.retrieval.token_budget, "keys": health.retrieval.keys,
+    }
 
 
 def report_dict(report: BatchReport) -> dict:

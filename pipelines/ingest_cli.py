@@ -14,6 +14,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="messages per batch (default: 32)")
     parser.add_argument("--poll-timeout", type=float, default=10.0,
                         help="seconds a poll waits for the first message; an empty poll ends --until-drained")
+    parser.add_argument("--probe-questions", type=int, default=10,
+                        help="retention probe questions after each batch, 0 for none (default: 10)")
+    parser.add_argument("--probe-share", type=float, default=0.2,
+                        help="most of a batch's time spent probing (default: 0.2)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
     settings = IngestSettings.resolve(
         bootstrap=args.bootstrap, server_url=args.server, mlflow_uri=args.mlflow_uri, topic=args.topic,
         group=args.group, batch_size=args.batch_size, poll_timeout_s=args.poll_timeout,
+        probe_questions=args.probe_questions, probe_share=args.probe_share,
     )
     reports = batches_until_drained(settings) if args.until_drained else iter([run_one_batch(settings)])
     totals = {"consumed": 0, "applied": 0, "duplicates": 0, "dead_lettered": 0, "injections": 0}

@@ -91,3 +91,43 @@ def topic_size(bootstrap: str, topic: str) -> int:
         return sum(ends[tp] - starts[tp] for tp in partitions)
     finally:
         consumer.close()
+
+
+class GroupBusy(RuntimeError):
+    """A consumer group still has running members (its offsets can only be moved while it is empty)."""
+
+
+def group_members(bootstrap: str, group: str) -> int:
+    """How many consumers are members of `group` right now."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="ckl-admin")
+    try:
+        return len(admin.describe_groups([group])[group]["members"])
+    finally:
+        admin.close()
+
+
+def move_group_offsets(bootstrap: str, group: str, offsets: dict[TopicPartition, int],
+                       wait_s: float = 120.0) -> None:
+    """Set `group`'s committed offsets (the next message each partition reads). Kafka allows it only while
+    the group has no members: waits up to `wait_s` for running consumers to leave, then raises GroupBusy."""
+    from kafka.errors import NoError
+    from kafka.structs import OffsetAndMetadata
+
+    deadline = time.monotonic() + wait_s
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="ckl-admin")
+    try:
+        while True:
+            if group_members(bootstrap, group) == 0:
+                request = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}
+                errors = admin.alter_group_offsets(group, request)
+                failed = {tp: error for tp, error in errors.items() if error is not NoError}
+                if not failed:
+                    log.info("moved the offsets of group %s: %s", group, offsets)
+                    return
+                log.info("moving the offsets of group %s failed (%s); retrying", group, failed)
+            if time.monotonic() > deadline:
+                raise GroupBusy(f"consumer group {group} still has running members after {wait_s:.0f} s: "
+                                "stop ingestion (pause the ckl_ingest DAG) and try again")
+            time.sleep(1.0)
+    finally:
+        admin.close()

@@ -14,6 +14,7 @@ Contract, stated in code below:
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kafka import KafkaConsumer, TopicPartition
@@ -194,18 +195,35 @@ class DocumentSource:
                     next_offsets[position] = record.offset + 1
         return records
 
+    def dead_letter(self, documents: Sequence[SourcedDocument], reason: str) -> None:
+        """Send valid documents that must not be applied (a rollback excluded them) to the DLQ with
+        `reason`; returns once the broker has them all."""
+        sends = [
+            self._send(sourced.topic, sourced.partition, sourced.offset, sourced.document.to_json().encode(),
+                       sourced.document.doc_id.encode(), reason, "doc_id")
+            for sourced in documents
+        ]
+        self._dlq.flush()
+        for future in sends:
+            future.get(timeout=30)
+
     def _send_to_dlq(self, record: ConsumerRecord, error: InvalidDocument):
-        log.info("dead-lettering %s[%d]@%d: %s", record.topic, record.partition, record.offset, error)
+        return self._send(record.topic, record.partition, record.offset, record.value, record.key,
+                          error.reason, error.field, record.headers or [])
+
+    def _send(self, topic: str, partition: int, offset: int, value: bytes | None, key: bytes | None,
+              reason: str, field_name: str, original_headers: list | tuple = ()):
+        log.info("dead-lettering %s[%d]@%d: %s", topic, partition, offset, reason)
         about = {
-            DLQ_REASON: error.reason,
-            DLQ_FIELD: error.field,  # may come from the message itself, hence backslashreplace
-            DLQ_SOURCE_TOPIC: record.topic,
-            DLQ_SOURCE_PARTITION: str(record.partition),
-            DLQ_SOURCE_OFFSET: str(record.offset),
+            DLQ_REASON: reason,
+            DLQ_FIELD: field_name,  # may come from the message itself, hence backslashreplace
+            DLQ_SOURCE_TOPIC: topic,
+            DLQ_SOURCE_PARTITION: str(partition),
+            DLQ_SOURCE_OFFSET: str(offset),
         }
         headers = [(name, text.encode("utf-8", "backslashreplace")) for name, text in about.items()]
-        headers += record.headers or []
-        return self._dlq.send(self.dlq_topic, value=record.value, key=record.key, headers=headers)
+        headers += list(original_headers)
+        return self._dlq.send(self.dlq_topic, value=value, key=key, headers=headers)
 
     def _rewind(self, records: list[ConsumerRecord]) -> None:
         """Seek back to the first record of each partition in `records`, so they are read again."""

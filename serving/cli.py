@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import socket
+import threading
+import time
 from pathlib import Path
 
 from serving.settings import DEFAULT_CHECKPOINT
@@ -53,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="write a full pool checkpoint every this many batches (default: 50)")
     bank.add_argument("--checkpoint-every-s", type=float, default=600.0, metavar="SECONDS",
                       help="... or after this many seconds, whichever comes first (default: 600)")
+    parser.add_argument("--follow", type=float, default=None, metavar="SECONDS",
+                        help="run as a read replica of the writer whose --snapshots and --bank it shares: "
+                             "refuse writes, catch up with its checkpoints and bank every SECONDS")
     parser.add_argument("--stop", action="store_true",
                         help="stop the server this state dir's server.json names, and exit")
 
@@ -96,8 +101,12 @@ def run(args: argparse.Namespace) -> int:
         retrieval=RetrievalSettings(not args.no_retrieval, args.top_k, args.retrieval_budget, args.keys),
         slot_format=SlotFormat(args.slots, args.slot_dtype),
         checkpoints=CheckpointPolicy(args.checkpoint_every, args.checkpoint_every_s),
+        follow_s=args.follow,
     )
-    if settings.write_token is None:
+    if settings.follow_s is not None:
+        log.info("read replica: catching up with the writer every %.1f s; writes are refused",
+                 settings.follow_s)
+    elif settings.write_token is None:
         log.warning("%s is not set: writes (inject, snapshot) will be refused", WRITE_TOKEN_ENV)
 
     runner = ModelRunner(settings.checkpoint, settings.device, settings.dtype, settings.cache_dir)
@@ -117,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
         log.info("no snapshot in %s: starting from the checkpoint's memory", settings.snapshot_root)
     metrics = ServerMetrics()
     metrics.set_memory_version(state.view().memory_version)
+    if settings.follow_s is not None:
+        threading.Thread(target=_follow, args=(state, metrics, settings.follow_s), daemon=True,
+                         name="follow").start()
     server_file = state_dir() / SERVER_FILE
     app = create_app(state, settings, metrics, on_shutdown=lambda: _remove_server_file(server_file))
 
@@ -130,6 +142,17 @@ def run(args: argparse.Namespace) -> int:
     log.info("serving %s at %s (API docs: %s/docs)", settings.checkpoint, url, url)
     uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False)).run(sockets=[sock])
     return 0
+
+
+def _follow(state, metrics, interval_s: float) -> None:
+    """A read replica's loop: catch up with the writer every `interval_s` seconds, for ever."""
+    while True:
+        time.sleep(interval_s)
+        try:
+            if state.follow():
+                metrics.set_memory_version(state.view().memory_version)
+        except Exception:  # a writer mid-rollback or a storage hiccup: try again next time
+            log.exception("replica: catching up failed; retrying in %.1f s", interval_s)
 
 
 def _write_server_file(path: Path, info: dict) -> None:

@@ -20,10 +20,14 @@ from serving.schemas import (
     InjectRequest,
     InjectResponse,
     MemoryResponse,
+    ProbeRequest,
+    ProbeResponse,
     PruneRequest,
     PruneResponse,
     QueryRequest,
     QueryResponse,
+    RollbackRequest,
+    RollbackResponse,
     SnapshotListResponse,
     SnapshotResponse,
 )
@@ -93,6 +97,18 @@ class ModelServerClient:
     def compact_bank(self) -> CompactResponse:
         """Compact the server's memory bank (see POST /v1/bank/compact)."""
         return self._call("POST", "/v1/bank/compact", CompactResponse)
+
+    def probe(self, questions: int = 10, max_ms: float | None = None,
+              seed: int | None = None) -> ProbeResponse:
+        """Run retention probes on the server's current memory (see POST /v1/probe)."""
+        request = ProbeRequest(questions=questions, max_ms=max_ms, seed=seed)
+        return self._call("POST", "/v1/probe", ProbeResponse, request)
+
+    def rollback(self, version: int, exclude: Iterable[str] = (), dry_run: bool = False) -> RollbackResponse:
+        """Take the server's memory back to `version` (see POST /v1/rollback); a retry after a broken
+        connection is harmless: rolling back to the current version with no new exclusion changes nothing."""
+        request = RollbackRequest(version=version, exclude=list(exclude), dry_run=dry_run)
+        return self._call("POST", "/v1/rollback", RollbackResponse, request)
 
     def snapshots(self) -> list[SnapshotResponse]:
         return self._call("GET", "/v1/snapshots", SnapshotListResponse).snapshots

@@ -81,6 +81,13 @@ class ModelRunner:
         base = pool if pool is not None else self.model.memory
         return replayed_pool(base, tokens, dropped), tokens, dropped
 
+    @torch.no_grad()
+    def lm_loss(self, text: str) -> float:
+        """Mean next-token cross-entropy of `text` with the live pool in front (the degradation probe)."""
+        ids = torch.tensor([self.encode(text)], device=self.device)
+        logits = self.hosted.forward(ids).logits[0, :-1].float()
+        return float(torch.nn.functional.cross_entropy(logits, ids[0, 1:]))
+
     def decode(self, ids: list[int]) -> str:
         """The text of token ids."""
         return self.tokenizer.decode(ids)
@@ -92,6 +99,12 @@ class ModelRunner:
         dtype = str(self.model.memory.dtype).removeprefix("torch.")
         return (config.num_hidden_layers, config.num_tokens, config.hidden_size, dtype,
                 config.drop_memory_per_layer)
+
+    def memory_info(self) -> dict[str, int | str]:
+        """Layers, pool tokens N, tokens per injection K and dtype of the memory (for /v1/health)."""
+        layers, tokens, _, dtype, _ = self.memory_shape
+        return {"layers": layers, "pool_tokens": self.model.config.num_memory_tokens,
+                "tokens_per_injection": tokens, "dtype": dtype}
 
     def live_pool(self) -> tuple[torch.Tensor, bool]:
         """The live pool (not a copy) and whether it is initialised."""

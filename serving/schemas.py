@@ -57,6 +57,10 @@ class InjectResponse(BaseModel):
     memory_version: int = Field(description="Memory version after the batch.")
     injection_ms: float = Field(description="Time spent computing the batch's memory update.")
     checkpoint: str | None = Field(None, description="Id of the pool checkpoint this batch wrote, if due.")
+    excluded: list[str] = Field([], description="doc_ids refused because a rollback excluded them.")
+    lineage: str = Field("", description="The memory lineage the batch was applied to.")
+    bank_version: int = Field(0, description="The memory bank's version (Lance) after the batch.")
+    pool_sha256: str = Field("", description="SHA-256 of the memory pool's bytes after the batch.")
 
 
 class MemoryResponse(BaseModel):
@@ -68,6 +72,61 @@ class MemoryResponse(BaseModel):
     )
     bank_entries: int = Field(0, description="Entries in the memory bank (one per injected context).")
     pool_sha256: str = Field("", description="SHA-256 of the live memory pool's bytes.")
+    lineage: str = Field("", description="The memory lineage (a rollback starts a new one).")
+    lineage_parent: str | None = Field(None, description="The lineage this one was rolled back from.")
+    lineage_from_version: int | None = Field(None, description="The version that rollback went back to.")
+    excluded: int = Field(0, description="How many doc_ids rollbacks excluded (refused when they come back).")
+
+
+class ProbeRequest(BaseModel):
+    questions: int = Field(10, ge=0, le=1000, description="Most probe questions (each asked twice).")
+    max_ms: float | None = Field(None, gt=0, description="No new question after this many milliseconds.")
+    seed: int | None = Field(None, description="Sampling seed (null: the bank's size).")
+
+
+class BucketScores(BaseModel):
+    asked: int
+    exact: dict[str, int] = Field(description="Exact matches, by mode (pool, bank).")
+    f1: dict[str, float] = Field(description="Sum of token F1, by mode (pool, bank).")
+
+
+class ProbeResponse(BaseModel):
+    buckets: dict[str, BucketScores] = Field(description="By age bucket (injections since the entry's own).")
+    degradation_loss: float | None = Field(description="Loss on the held-out text with the pool in front.")
+    questions: int
+    elapsed_ms: float
+    memory_version: int
+
+
+class RollbackRequest(BaseModel):
+    version: int = Field(ge=0, description="The memory version to go back to.")
+    exclude: list[str] = Field([], description="doc_ids to refuse from now on (dead-lettered by ingestion).")
+    dry_run: bool = Field(False, description="Only report what the rollback would remove.")
+
+
+class RemovedEntryInfo(BaseModel):
+    seq: int
+    doc_id: str
+    version: int
+    topic: str | None
+    partition: int | None
+    offset: int | None
+
+
+class RollbackResponse(BaseModel):
+    from_version: int
+    to_version: int
+    removed: list[RemovedEntryInfo] = Field(description="The bank entries the rollback took out.")
+    restored_from: str | None = Field(description="The checkpoint replayed from (null: the model's pool).")
+    lineage: str = Field(description="The new lineage (the current one on a dry run).")
+    previous_lineage: str
+    replay_from: dict[str, int] = Field(
+        description="Where re-ingesting the removed documents starts: \"topic/partition\" -> Kafka offset "
+        "(kept with the lineage: repeating the same rollback returns it again)."
+    )
+    checkpoint: str | None = Field(description="The checkpoint written of the rolled-back state.")
+    memory_version: int
+    pool_sha256: str = Field(description="SHA-256 of the pool after the rollback (before it on a dry run).")
 
 
 class SnapshotResponse(BaseModel):
@@ -115,6 +174,13 @@ class RetrievalInfo(BaseModel):
     keys: str = Field(description="The key index that ranks entries.")
 
 
+class MemoryInfo(BaseModel):
+    layers: int
+    pool_tokens: int = Field(description="Memory tokens per layer in the pool (N).")
+    tokens_per_injection: int = Field(description="New memory tokens per injected context (K).")
+    dtype: str
+
+
 class HealthResponse(BaseModel):
     status: str
     memory_version: int
@@ -122,6 +188,8 @@ class HealthResponse(BaseModel):
     device: str
     dtype: str
     context_tokens: int = Field(description="Most tokens per injected context.")
-    writes_enabled: bool = Field(description="False when the server has no write token configured.")
+    writes_enabled: bool = Field(description="False without a write token, and on a read replica.")
+    follow_s: float | None = Field(None, description="A read replica's catch-up interval (null: the writer).")
     limits: Limits
     retrieval: RetrievalInfo
+    memory: MemoryInfo

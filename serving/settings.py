@@ -42,6 +42,7 @@ class ServerSettings:
     retrieval: RetrievalSettings = RetrievalSettings()
     slot_format: SlotFormat = SlotFormat()
     checkpoints: CheckpointPolicy = CheckpointPolicy()
+    follow_s: float | None = None  # a read replica: seconds between catch-ups with the writer
 
     @property
     def bank(self) -> str:

@@ -24,10 +24,12 @@ nothing changed since the last snapshot (written or restored) returns that snaps
 """
 
 import logging
+import random
+import shutil
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,7 +40,9 @@ from compression.retrieval import RetrievalSettings, Retrieved, Retriever
 from compression.slots import SlotFormat
 from model import MemoryStateError
 from model.prompts import extract_answer, format_question
+from monitoring.probes import HELDOUT_TEXT, ProbeBudget, ProbeReport, run_probes, sample_probes
 from pipelines.faults import crash_point
+from serving.lineage import Lineage, load_lineage, save_lineage
 from serving.runner import ModelRunner
 from serving.schemas import InjectDocument
 from serving.settings import CheckpointPolicy
@@ -50,6 +54,11 @@ log = logging.getLogger(__name__)
 
 class NoValidSnapshot(RuntimeError):
     """Snapshots exist but none can be restored: starting empty would silently lose their documents."""
+
+
+class RollbackRefused(ValueError):
+    """A rollback that cannot be done (a version from the future, or one the bank can no longer rebuild);
+    nothing was changed."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,31 @@ class BatchResult:
     memory_version: int
     injection_ms: float
     checkpoint: SnapshotInfo | None = None
+    excluded: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RemovedEntry:
+    """A bank entry a rollback took out: what it was and where it came from in Kafka."""
+
+    seq: int
+    doc_id: str
+    version: int
+    topic: str | None
+    partition: int | None
+    offset: int | None
+
+
+@dataclass(frozen=True)
+class RollbackResult:
+    from_version: int
+    to_version: int
+    removed: list[RemovedEntry]
+    restored_from: str | None  # the checkpoint replayed from (None: the model's own pool)
+    lineage: Lineage  # the new lineage (the current one on a dry run)
+    previous_lineage: str
+    checkpoint: SnapshotInfo | None  # written for the new lineage (None on a dry run)
+    replay_from: dict[str, int] = field(default_factory=dict)  # "topic/partition" -> first removed offset
 
 
 class LiveState:
@@ -77,7 +111,7 @@ class LiveState:
 
     def __init__(self, runner: ModelRunner, snapshot_root: Path, bank: MemoryBank,
                  retriever: Retriever | None = None, context_tokens: int | None = None,
-                 checkpoints: CheckpointPolicy | None = None):
+                 checkpoints: CheckpointPolicy | None = None, lineage_path: Path | None = None):
         limit = runner.max_context_tokens
         if context_tokens is not None and not 0 < context_tokens <= limit:
             raise ValueError(
@@ -89,6 +123,8 @@ class LiveState:
         self.retriever = retriever
         self.context_tokens = context_tokens or limit
         self.checkpoints = checkpoints or CheckpointPolicy()
+        self.lineage_path = lineage_path or snapshot_root.parent / "lineage.json"
+        self.lineage = load_lineage(self.lineage_path)
         self._write_lock = threading.Lock()
         self._model_turns = ModelTurns()
         self._view = StateView(0, runner.num_injections, 0, {})
@@ -125,8 +161,12 @@ class LiveState:
         with self._write_lock:
             applied: list[str] = []
             skipped: list[str] = []
+            excluded: list[str] = []
             contexts: list[tuple[InjectDocument, int, list[int], str]] = []
             for document in documents:
+                if document.doc_id in self.lineage.excluded:
+                    excluded.append(document.doc_id)
+                    continue
                 if self.bank.holds(document.doc_id) or document.doc_id in applied:
                     skipped.append(document.doc_id)
                     continue
@@ -170,7 +210,7 @@ class LiveState:
                 len(applied), len(contexts), injection_ms, len(skipped), self._view.memory_version,
             )
             checkpoint = self._checkpoint_if_due() if applied else None
-            return BatchResult(applied, skipped, len(contexts), version, injection_ms, checkpoint)
+            return BatchResult(applied, skipped, len(contexts), version, injection_ms, checkpoint, excluded)
 
     def _checkpoint_if_due(self) -> SnapshotInfo | None:
         self._batches_since_checkpoint += 1
@@ -227,46 +267,162 @@ class LiveState:
         Raises NoValidSnapshot when checkpoints exist but none can be restored.
         """
         with self._write_lock:
-            for contents in valid_snapshots(self.snapshot_root):
-                if contents.injections > self.bank.next_seq:
-                    log.error(
-                        "refusing snapshot %s: it holds %d injections, the bank only %d entries (a bank "
-                        "truncated by a rollback, or another bank); falling back to the previous one",
-                        contents.info.path, contents.injections, self.bank.next_seq,
-                    )
-                    continue
-                try:
-                    state = self.runner.load_memory(contents.memory_path)
-                except MemoryStateError as error:
-                    log.error("refusing snapshot %s: %s; falling back to the previous one",
-                              contents.info.path, error)
-                    continue
-                if state.num_injections != contents.injections:
-                    log.error(
-                        "refusing snapshot %s: its memory holds %d injections, its manifest says %d; "
-                        "falling back to the previous one",
-                        contents.info.path, state.num_injections, contents.injections,
-                    )
-                    continue
-                self._replay(contents.injections, contents.info.memory_version, contents.last_offsets)
-                log.info(
-                    "restored snapshot %s: memory version %d, %d documents",
-                    contents.info.path, self._view.memory_version, self._view.documents_applied,
+            return self._restore()
+
+    def _restore(self) -> SnapshotInfo | None:
+        """`restore` with the write lock held."""
+        for contents in valid_snapshots(self.snapshot_root):
+            if contents.injections > self.bank.next_seq:
+                log.error(
+                    "refusing snapshot %s: it holds %d injections, the bank only %d entries (a bank "
+                    "truncated by a rollback, or another bank); falling back to the previous one",
+                    contents.info.path, contents.injections, self.bank.next_seq,
                 )
-                self._last_snapshot = contents.info if self._view.injections == contents.injections else None
-                return contents.info
-            existing = list_snapshots(self.snapshot_root)
-            if existing:
-                raise NoValidSnapshot(
-                    f"none of the {len(existing)} snapshots in {self.snapshot_root} can be restored (see the "
-                    "errors above); move them away to start with an empty memory"
+                continue
+            try:
+                state = self.runner.load_memory(contents.memory_path)
+            except MemoryStateError as error:
+                log.error("refusing snapshot %s: %s; falling back to the previous one",
+                          contents.info.path, error)
+                continue
+            if state.num_injections != contents.injections:
+                log.error(
+                    "refusing snapshot %s: its memory holds %d injections, its manifest says %d; "
+                    "falling back to the previous one",
+                    contents.info.path, state.num_injections, contents.injections,
                 )
-            if len(self.bank):
-                self.runner.model.set_memory_state(self.runner.base_state)
-                self._replay(0, 0, {})
-                log.info("no snapshot: replayed the whole bank (%d entries) onto the checkpoint's memory",
-                         len(self.bank))
-            return None
+                continue
+            self._replay(contents.injections, contents.info.memory_version, contents.last_offsets)
+            log.info(
+                "restored snapshot %s: memory version %d, %d documents",
+                contents.info.path, self._view.memory_version, self._view.documents_applied,
+            )
+            self._last_snapshot = contents.info if self._view.injections == contents.injections else None
+            return contents.info
+        existing = list_snapshots(self.snapshot_root)
+        if existing:
+            raise NoValidSnapshot(
+                f"none of the {len(existing)} snapshots in {self.snapshot_root} can be restored (see the "
+                "errors above); move them away to start with an empty memory"
+            )
+        self.runner.model.set_memory_state(self.runner.base_state)
+        self._replay(0, 0, {})
+        if len(self.bank):
+            log.info("no snapshot: replayed the whole bank (%d entries) onto the checkpoint's memory",
+                     len(self.bank))
+        return None
+
+    def rollback(self, version: int, exclude: Sequence[str] = (), dry_run: bool = False) -> RollbackResult:
+        """Take the memory back to memory version `version`, byte for byte, and start a new lineage.
+
+        The checkpoints of later versions are set aside (`<state>/rolled_back/<lineage>/`), the bank is
+        truncated to `version`, and the pool rebuilt from the newest checkpoint at or before it plus a replay;
+        a checkpoint of the result is written. `exclude` doc_ids are refused from then on. A dry run only
+        says what would be removed. Raises RollbackRefused, changing nothing, when it cannot be done.
+        """
+        with self._write_lock:
+            current = self._view.memory_version
+            if not 0 <= version <= current:
+                raise RollbackRefused(f"version {version} is not between 0 and the current version {current}")
+            removed = [
+                RemovedEntry(row["seq"], row["doc_id"], row["version"], row["topic"], row["partition"],
+                             row["offset"])
+                for row in self.bank.infos(where=f"version > {int(version)}")
+            ]
+            base = self._rebuild_base(version, self.bank.next_seq - len(removed))
+            previous = self.lineage
+            if dry_run:
+                return RollbackResult(current, version, removed, base, previous, previous.id, None,
+                                      _first_offsets(removed))
+            if not removed and version == current and previous.excluded.issuperset(exclude):
+                # a repeated request: nothing to do, but its replay may not have finished
+                repeat = previous.from_version == version
+                return RollbackResult(current, version, removed, base, previous, previous.id, None,
+                                      previous.replay_from if repeat else {})
+            self._set_aside_checkpoints(version, previous.id)
+            self.bank.truncate(version)
+            if self.retriever is not None:
+                self.retriever.truncate(self.bank.next_seq - 1)
+            self._last_snapshot = None
+            self._restore()
+            self.lineage = Lineage.new(previous, version, frozenset(exclude), _first_offsets(removed))
+            save_lineage(self.lineage_path, self.lineage)
+            checkpoint = self._write_checkpoint()
+            log.warning("rolled back from version %d to %d (%d entries removed); lineage %s -> %s",
+                        current, version, len(removed), previous.id, self.lineage.id)
+            return RollbackResult(current, version, removed, base, self.lineage, previous.id, checkpoint,
+                                  self.lineage.replay_from)
+
+    def _rebuild_base(self, version: int, entries: int) -> str | None:
+        """The checkpoint a rollback to `version` (the bank's first `entries` entries) replays from (None:
+        the model's own pool); RollbackRefused when the bank no longer holds the tokens that replay needs."""
+        for contents in valid_snapshots(self.snapshot_root):
+            if contents.info.memory_version <= version and contents.injections <= entries:
+                base, first_seq = contents.info.id, contents.injections
+                break
+        else:
+            base, first_seq = None, 0
+        missing = self.bank.entries_without_tokens(first_seq, entries)
+        if missing:
+            raise RollbackRefused(
+                f"cannot rebuild version {version}: {missing} of the entries after "
+                f"{'checkpoint ' + base if base else 'the empty pool'} lost their exact tokens to compaction "
+                "(roll back to a version with a checkpoint at or before it, see `ckl snapshots list`)"
+            )
+        return base
+
+    def _set_aside_checkpoints(self, version: int, lineage: str) -> None:
+        """Move the checkpoints of versions after `version` out of the snapshot root."""
+        later = [info for info in list_snapshots(self.snapshot_root) if info.memory_version > version]
+        if later:
+            aside = self.snapshot_root.parent / "rolled_back" / lineage
+            aside.mkdir(parents=True, exist_ok=True)
+            for info in later:
+                shutil.move(info.path, aside / info.path.name)
+            log.info("set aside %d checkpoints of versions after %d in %s", len(later), version, aside)
+
+    def follow(self) -> bool:
+        """A read replica's catch-up with the writer sharing its checkpoints and bank: replay the entries
+        the writer appended since, or restore from scratch after a rollback. Returns whether the memory
+        changed. The writer's appends are atomic, so a replica never sees half a batch."""
+        with self._write_lock:
+            self.bank.reload()
+            lineage = load_lineage(self.lineage_path)
+            known = self._view.injections
+            if lineage != self.lineage or self.bank.next_seq < known:  # rolled back: start over
+                self.lineage = lineage
+                with self._model_turns.update():
+                    self._restore()
+                if self.retriever is not None:
+                    self.retriever = Retriever(self.bank, self.retriever.settings)
+                log.info("replica: lineage %s, restored at memory version %d", lineage.id,
+                         self._view.memory_version)
+                return True
+            if self.bank.next_seq == known:
+                return False
+            with self._model_turns.update():
+                self._replay(known, self._view.memory_version, self._view.last_offsets)
+            if self.retriever is not None:
+                self.retriever.add(*self.bank.texts(known))
+            log.info("replica: caught up to memory version %d", self._view.memory_version)
+            return True
+
+    def probe(self, budget: ProbeBudget, seed: int | None = None, max_new_tokens: int = 16) -> ProbeReport:
+        """Ask stored probes of entries sampled by age, from the pool alone and with the bank, and the
+        degradation loss on a held-out text; reads the memory, never changes it (no batch runs meanwhile)."""
+        with self._write_lock:
+            next_seq = self.bank.next_seq
+            rng = random.Random(next_seq if seed is None else seed)
+            probes = sample_probes(next_seq, budget, self.bank.infos, rng)
+
+            def ask(question: str, retrieve: bool) -> str:
+                return self.answer(question, max_new_tokens, retrieve)[0]
+
+            def loss() -> float:
+                with self._model_turns.query():
+                    return self.runner.lm_loss(HELDOUT_TEXT)
+
+            return run_probes(probes, ask, loss, budget)
 
     def _replay(self, first_seq: int, base_version: int, base_offsets: dict[str, dict[int, int]]) -> None:
         """Replay the bank's entries from `first_seq` onto the live pool and publish the result."""
@@ -314,6 +470,16 @@ def _entry(document: InjectDocument, chunk: int, text: str, tokens: torch.Tensor
         offset=document.offset,
         probes=[probe.model_dump() for probe in document.probes] if document.probes else None,
     )
+
+
+def _first_offsets(entries: Sequence[RemovedEntry]) -> dict[str, int]:
+    """Per "topic/partition", the Kafka offset of the first of the entries (where their replay starts)."""
+    first: dict[str, int] = {}
+    for entry in entries:
+        if entry.topic is not None and entry.partition is not None and entry.offset is not None:
+            key = f"{entry.topic}/{entry.partition}"
+            first[key] = min(first.get(key, entry.offset), entry.offset)
+    return first
 
 
 def _advanced(

@@ -3,7 +3,6 @@
 at every step of a batch and of the server mid-batch, and the Airflow DAGs `ckl_ingest` and
 `ckl_maintenance`."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,9 +11,10 @@ from pathlib import Path
 
 import pytest
 from kafka import KafkaConsumer
+from repo_dags import load_dag
 from tiny_checkpoint import make_tiny_checkpoint
 
-from pipelines.airflow_env import REPO_DAGS
+from monitoring.tracking import experiment_name
 from pipelines.faults import CRASH_ENV
 from pipelines.ingest import BOOTSTRAP_ENV, MLFLOW_URI_ENV, SERVER_URL_ENV
 from pipelines.kafka_io import DLQ_TOPIC, consumer_lag, ensure_topics, make_producer
@@ -139,9 +139,18 @@ def test_ingest_until_drained_applies_valid_docs_dead_letters_bad_ones_and_logs_
     ]
 
     client = mlflow.MlflowClient(tracking_uri=mlflow_server.uri)
-    experiment = client.get_experiment_by_name("ckl-ingest")
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.topic = '{topic_name}'")
+    experiment = client.get_experiment_by_name(experiment_name())
+    runs = client.search_runs([experiment.experiment_id],
+                              filter_string=f"tags.topic = '{topic_name}' AND tags.`ckl.kind` = 'batch'")
     assert len(runs) == 3  # 12 messages in batches of 4
+    # nested under the server's lineage run, which holds every batch's metrics at step = memory version
+    lineage_run = client.get_run(runs[0].data.tags["mlflow.parentRunId"])
+    assert lineage_run.data.tags["ckl.kind"] == "lineage"
+    assert lineage_run.data.tags["ckl.lineage"] == runs[0].data.tags["lineage"]
+    assert lineage_run.data.params["batch_size"] == str(BATCH_SIZE)
+    steps = {metric.step for metric in client.get_metric_history(lineage_run.info.run_id, "documents")}
+    assert {int(run.data.tags["memory_version"]) for run in runs} <= steps
+    assert all(len(run.data.tags["pool_sha256"]) == 64 for run in runs)
     assert all(BATCH_METRICS <= set(run.data.metrics) for run in runs)
     assert sum(run.data.metrics["documents"] for run in runs) == len(doc_ids)
     assert sum(run.data.metrics["dlq"] for run in runs) == 2
@@ -188,14 +197,6 @@ def test_server_killed_mid_batch_then_restarted_from_checkpoint_and_bank_applies
         assert_each_document_applied_once(kafka, server, topic_name, before=(0, 0))
     finally:
         server.stop()
-
-
-def load_dag(name: str):
-    """A DAG object from the project's dags/ folder (run in-process with `dag.test()`)."""
-    spec = importlib.util.spec_from_file_location(name, REPO_DAGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return getattr(module, name)()
 
 
 @pytest.fixture

@@ -350,7 +350,7 @@ def test_openapi_page_documents_every_endpoint_and_the_bearer_scheme(server):
     spec = httpx.get(f"{server.url}/openapi.json").json()
     assert set(spec["paths"]) == {
         "/v1/query", "/v1/inject", "/v1/snapshots", "/v1/snapshots/prune", "/v1/memory", "/v1/health",
-        "/v1/bank/compact",
+        "/v1/bank/compact", "/v1/probe", "/v1/rollback",
         "/metrics",
     }
     assert spec["paths"]["/v1/inject"]["post"]["requestBody"]["content"]["application/json"]["schema"]
@@ -511,7 +511,7 @@ def test_corrupt_newest_snapshot_is_refused_and_the_previous_one_restored_plus_b
         with ModelServerClient(server.url, token=WRITE_TOKEN) as client:
             # the older checkpoint + the bank's entry after it = the state the corrupt snapshot held
             assert client.memory() == MemoryResponse(**asdict(second_view), bank_entries=len(writer.bank),
-                                                     pool_sha256=second_pool)
+                                                     pool_sha256=second_pool, lineage=writer.lineage.id)
             assert client.inject([document("second", 2)]).applied == []
     finally:
         server.stop()
