@@ -22,7 +22,7 @@ from airflow.sdk import Param, dag, task
         "out": Param(None, type=["null", "string"], description="HTML file (default .ckl/report.html)"),
         "threshold": Param(0.8, type="number", minimum=0, maximum=1, description="Lowest mean exact match"),
         "mode": Param("bank", enum=["bank", "pool"], description="Bank or pool retention"),
-        "window": Param(10, type="integer", minimum=1, description="Batches averaged"),
+        "window": Param(50, type="integer", minimum=1, description="Batches averaged"),
     },
     tags=["ckl"],
 )

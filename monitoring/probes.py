@@ -35,19 +35,22 @@ BUCKETS = (
 )
 MODES = ("pool", "bank")
 
-# Held-out text for the degradation loss: plain sentences in the stream's domain, never injected.
+# Held-out text for the degradation loss: two biographies in the default model's domain (people generated
+# with a seed no stream uses), never injected. A deployment of another model passes its own text.
 HELDOUT_TEXT = (
-    "Marta Lindqvist was born in Uppsala. She studied at the University of Vienna and works as a "
-    "translator. Her favourite colour is green, and she lives in Lisbon. "
-    "Tomas Okafor was born in Lagos. He studied at the University of Toronto and works as an engineer. "
-    "He lives in Oslo, and his favourite colour is blue."
+    "Kreliol Rawioriov received an education at Zhejiang University. Kreliol Rawioriov has a job at "
+    "Ericsson. Kreliol Rawioriov majored in Journalism. Kreliol Rawioriov was born on November 9, 1994, a "
+    "day the family still remembers. The birthplace of Kreliol Rawioriov is Melbourne. "
+    "The field of study of Magrys Aidako was Pharmacy. The employer of Magrys Aidako is Morgan Stanley. "
+    "For university, Magrys Aidako chose Stellenbosch University. Magrys Aidako's life began on November "
+    "21, 1977. Magrys Aidako is a native of London."
 )
 
 
 @dataclass(frozen=True)
 class ProbeBudget:
-    """At most `questions` probe questions per call, and no new question after `max_ms` milliseconds (the
-    first is always asked)."""
+    """At most `questions` probe questions per call, within `max_ms` milliseconds by the running estimates
+    of what the degradation loss and a question cost (see `run_probes`)."""
 
     questions: int = 10
     max_ms: float | None = None
@@ -135,8 +138,9 @@ def bucket_seqs(bucket: AgeBucket, next_seq: int) -> range:
 
 def sample_probes(next_seq: int, budget: ProbeBudget, read_infos: Callable[[Sequence[int]], list[dict]],
                   rng: random.Random) -> list[SampledProbe]:
-    """Up to `budget.questions` probes, spread over the age buckets in turn (youngest first), each from a
-    random entry of its bucket that has probes. `read_infos(seqs)` returns the bank's rows for seqs (their
+    """Up to `budget.questions` probes, spread over the age buckets in turn, each from a random entry of its
+    bucket that has probes, in random order (a time budget that cuts the list short still samples every
+    bucket over many calls). `read_infos(seqs)` returns the bank's rows for seqs (their
     "probes" a list of {"question", "answer"})."""
     per_bucket = dict.fromkeys((b.name for b in BUCKETS), 0)
     ranges = {b.name: bucket_seqs(b, next_seq) for b in BUCKETS}
@@ -159,19 +163,45 @@ def sample_probes(next_seq: int, budget: ProbeBudget, read_infos: Callable[[Sequ
             question = rng.choice(row["probes"])
             sampled.append(SampledProbe(row["seq"], row["doc_id"], next_seq - 1 - row["seq"], bucket.name,
                                         question["question"], question["answer"]))
+    rng.shuffle(sampled)
     return sampled
 
 
+@dataclass
+class ProbeCosts:
+    """Running estimates (ms) of the degradation loss and of one question (asked in both modes)."""
+
+    loss_ms: float | None = None
+    question_ms: float | None = None
+
+    def learn(self, name: str, took_ms: float) -> None:
+        """Fold a measured cost into its estimate (an exponential moving average)."""
+        known = getattr(self, name)
+        setattr(self, name, took_ms if known is None else 0.8 * known + 0.2 * took_ms)
+
+
 def run_probes(probes: Sequence[SampledProbe], ask: Callable[[str, bool], str],
-               loss: Callable[[], float] | None, budget: ProbeBudget) -> ProbeReport:
-    """Ask each probe from the pool alone (`ask(question, False)`) and with the bank (`ask(question, True)`)
-    until the time budget runs out, then compute the degradation `loss()`."""
+               loss: Callable[[], float] | None, budget: ProbeBudget, costs: ProbeCosts) -> ProbeReport:
+    """Compute the degradation `loss()`, then ask each probe from the pool alone (`ask(question, False)`)
+    and with the bank (`ask(question, True)`), each only while the time budget has room for it by the
+    estimates in `costs`, which learn from what this call measures."""
     started = time.perf_counter()
+
+    def room_for(cost_ms: float | None) -> bool:
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        return budget.max_ms is None or elapsed_ms + (cost_ms or 0.0) <= budget.max_ms
+
+    degradation = None
+    if loss is not None and room_for(costs.loss_ms):
+        step = time.perf_counter()
+        degradation = loss()
+        costs.learn("loss_ms", (time.perf_counter() - step) * 1000)
     buckets: dict[str, BucketScore] = {}
     asked = 0
     for probe in probes:
-        if asked and budget.max_ms is not None and (time.perf_counter() - started) * 1000 >= budget.max_ms:
-            break  # the first question is always asked: every probe run measures something
+        if not room_for(costs.question_ms):
+            break
+        step = time.perf_counter()
         score = buckets.setdefault(probe.bucket, BucketScore())
         score.asked += 1
         asked += 1
@@ -179,5 +209,5 @@ def run_probes(probes: Sequence[SampledProbe], ask: Callable[[str, bool], str],
             predicted = ask(probe.question, mode == "bank")
             score.exact[mode] += answers_match(predicted, probe.answer)
             score.f1[mode] += token_f1(predicted, probe.answer)
-    degradation = loss() if loss is not None else None
+        costs.learn("question_ms", (time.perf_counter() - step) * 1000)
     return ProbeReport(buckets, degradation, asked, (time.perf_counter() - started) * 1000)

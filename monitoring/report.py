@@ -38,7 +38,10 @@ if TYPE_CHECKING:
 BUCKET_NAMES = tuple(bucket.name for bucket in BUCKETS)
 BUCKET_COLORS = ("#1b9e77", "#66a61e", "#e6ab02", "#d95f02", "#7570b3")
 MODE_COLORS = {"pool": "#8da0cb", "bank": "#fc8d62"}
-ROLLBACK_COLUMNS = ("from_version", "to_version", "mode", "excluded", "removed_entries")
+# batches averaged per age bucket: with about one probe question per batch, 50 batches give each of the
+# five buckets about ten questions
+DEFAULT_WINDOW = 50
+ROLLBACK_COLUMNS = ("from_version", "to_version", "mode", "excluded", "removed_documents")
 
 
 class ReportError(Exception):
@@ -187,7 +190,8 @@ def window_means(lineage: Lineage, mode: str, window: int, score: str = "em") ->
     return means
 
 
-def check(report_data: ReportData, threshold: float, mode: str = "bank", window: int = 10) -> list[str]:
+def check(report_data: ReportData, threshold: float, mode: str = "bank",
+          window: int = DEFAULT_WINDOW) -> list[str]:
     """One alert per age bucket whose mean EM over the newest lineage's last `window` batches (with the
     bank, or from the pool alone) is below `threshold`; buckets without data raise none."""
     if mode not in MODES:
@@ -224,7 +228,7 @@ th { background: #f0f2f5; } tr.current td { font-weight: 600; }
 
 
 def render_html(report_data: ReportData, alerts: list[str], threshold: float, mode: str = "bank",
-                window: int = 10, generated: datetime | None = None) -> str:
+                window: int = DEFAULT_WINDOW, generated: datetime | None = None) -> str:
     """The dashboard as one self-contained HTML page (inline CSS and SVG, no external URLs)."""
     chain = report_data.chain()
     title = f"ckl retention: {report_data.experiment}"
@@ -323,7 +327,7 @@ def _rollback_table(report_data: ReportData) -> str:
         return [_when(rollback.started_ms), rollback.operator,
                 *(fields.get(name, "-") for name in ROLLBACK_COLUMNS), lineages]
 
-    headers = ("rollback at", "by", "from version", "to version", "mode", "excluded", "removed entries",
+    headers = ("rollback at", "by", "from version", "to version", "mode", "excluded", "removed documents",
                "lineage")
     return _table(headers, ((row(rollback), False) for rollback in report_data.rollbacks[::-1]))
 
@@ -458,7 +462,7 @@ def _throughput_figure(chain: list[Lineage]) -> "Figure":
     return figure
 
 
-def save_retention_by_age(tracking_uri: str, lineage_run_id: str, path: Path, window: int = 10,
+def save_retention_by_age(tracking_uri: str, lineage_run_id: str, path: Path, window: int = DEFAULT_WINDOW,
                           threshold: float = 0.8, mode: str = "bank") -> None:
     """The page's retention-by-age plot of one lineage run as a PNG at `path` (logged as an MLflow artifact
     at each checkpoint)."""

@@ -40,6 +40,9 @@ class Tracker:
     """Writes a deployment's lineages, batches and rollbacks to an MLflow tracking server or store."""
 
     def __init__(self, tracking_uri: str, experiment: str | None = None):
+        # MLflow prints two links to stdout each time a run ends (and reads the run back to do it): one run
+        # per batch would bury a command's own output
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         import mlflow
 
         self.client = mlflow.MlflowClient(tracking_uri=tracking_uri)

@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
 
     step(2, total, f"Starting the model server with {args.model}")
     token = secrets.token_urlsafe(16)
+    token_file = state / "demo" / "write_token"  # for commands that write after the demo (ingest, rollback)
+    token_file.parent.mkdir(parents=True, exist_ok=True)
+    token_file.touch(mode=0o600)
+    token_file.write_text(token + "\n")
     stop_running_server(state)
     server = ServerProcess(args.model, state, write_token=token, detach=True).start()
     print(f"  serving at {server.url} (pid {server.process.pid}, log {server.log_path})")
@@ -145,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  model server: {server.url}/docs  (OpenAPI)")
     print(f"  dead letters: topic {DLQ_TOPIC} (reason and source offset in the headers)")
     print("  memory bank:  .venv/bin/ckl bank stats  (and `ckl bank ls`, `ckl bank show DOC_ID`)")
+    print(f"  writes:       export CKL_WRITE_TOKEN=$(cat {token_file})  (for ckl ingest, ckl rollback)")
     print("  rollback:     .venv/bin/ckl snapshots list, .venv/bin/ckl rollback VERSION --replay|--skip")
     print("  stop with:    .venv/bin/ckl serve --stop && .venv/bin/ckl services down")
     print(f"\ndone in {time.monotonic() - started:.0f} s")

@@ -47,7 +47,11 @@ class IngestSettings:
     batch_size: int = 32
     poll_timeout_s: float = 10.0
     probe_questions: int = 10  # retention probes per batch (0: none)
-    probe_share: float = 0.2  # and no new probe question once probing took this share of the batch's time
+    probe_share: float = 0.25  # probing's time budget, a share of batch time (unspent budget carries over)
+
+    def __post_init__(self):
+        if not 0 < self.probe_share < 1:
+            raise ValueError(f"probe_share must be between 0 and 1 (exclusive), got {self.probe_share}")
 
     @classmethod
     def resolve(cls, **given: object) -> "IngestSettings":

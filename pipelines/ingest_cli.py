@@ -16,8 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds a poll waits for the first message; an empty poll ends --until-drained")
     parser.add_argument("--probe-questions", type=int, default=10,
                         help="retention probe questions after each batch, 0 for none (default: 10)")
-    parser.add_argument("--probe-share", type=float, default=0.2,
-                        help="most of a batch's time spent probing (default: 0.2)")
+    parser.add_argument("--probe-share", type=float, default=0.25,
+                        help="probing's time budget as a share of batch time (default: 0.25)")
 
 
 def run(args: argparse.Namespace) -> int:

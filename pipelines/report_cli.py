@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="lowest acceptable mean exact match per age bucket (default 0.8)")
     parser.add_argument("--mode", choices=("bank", "pool"), default="bank",
                         help="retention checked: with the bank (default) or from the pool alone")
-    parser.add_argument("--window", type=_batches, default=10, help="batches averaged (default 10)")
+    parser.add_argument("--window", type=_batches, default=50, help="batches averaged (default 50)")
     parser.add_argument("--mlflow-uri", default=None,
                         help="MLflow tracking URI (default: CKL_MLFLOW_URI, else .ckl/services.json)")
     parser.add_argument("--deployment", default=None,
@@ -65,7 +65,7 @@ def resolve_mlflow_uri(given: str | None = None) -> str:
     return uri
 
 
-def publish(out: Path, *, check: bool = False, threshold: float = 0.8, mode: str = "bank", window: int = 10,
+def publish(out: Path, *, check: bool = False, threshold: float = 0.8, mode: str = "bank", window: int = 50,
             mlflow_uri: str | None = None, deployment: str | None = None) -> list[str]:
     """Write the dashboard of the deployment's experiment to `out`; returns its retention alerts. With
     `check`, each alert is logged as a warning and set as the newest lineage's `ckl.alert` (or cleared)."""

@@ -95,7 +95,9 @@ def rollback(settings: IngestSettings, target: str, mode: str = "replay",
                 outcome.replayed += report.applied
                 outcome.dead_lettered += report.excluded
     if tracker is not None and outcome.from_lineage != outcome.to_lineage:
-        tracker.log_rollback(asdict(outcome) | {"identical": outcome.identical})
+        tracker.log_rollback(asdict(outcome) | {"identical": outcome.identical,
+                                                "excluded": ",".join(outcome.excluded),
+                                                "removed_documents": len(outcome.removed)})
     return outcome
 
 

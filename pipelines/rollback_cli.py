@@ -39,7 +39,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(f"memory version {outcome.from_version} -> {outcome.to_version} ({outcome.mode}); "
           f"lineage {outcome.from_lineage} -> {outcome.to_lineage}")
-    print(f"  removed from the memory: {len(outcome.removed)} entries")
+    print(f"  removed from the memory: {len(outcome.removed)} documents")
+    kept = sorted(set(outcome.excluded) - set(outcome.removed))
+    if kept:
+        print(f"  note: {', '.join(kept)} applied at or before version {outcome.to_version}: they stay in "
+              "the memory (roll back further to take them out); only later deliveries are refused")
     print(f"  pool sha256 restored: {outcome.pool_sha256}")
     if outcome.recorded_sha256 is not None:
         verdict = "byte-identical" if outcome.identical else "DIFFERENT"

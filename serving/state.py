@@ -40,7 +40,7 @@ from compression.retrieval import RetrievalSettings, Retrieved, Retriever
 from compression.slots import SlotFormat
 from model import MemoryStateError
 from model.prompts import extract_answer, format_question
-from monitoring.probes import HELDOUT_TEXT, ProbeBudget, ProbeReport, run_probes, sample_probes
+from monitoring.probes import HELDOUT_TEXT, ProbeBudget, ProbeCosts, ProbeReport, run_probes, sample_probes
 from pipelines.faults import crash_point
 from serving.lineage import Lineage, load_lineage, save_lineage
 from serving.runner import ModelRunner
@@ -131,6 +131,8 @@ class LiveState:
         self._last_snapshot: SnapshotInfo | None = None  # holds the current state unless a batch changed it
         self._batches_since_checkpoint = 0
         self._last_checkpoint_at = time.monotonic()
+        self._probe_costs = ProbeCosts()  # what the loss and one question cost, learnt as probes run
+        self._probe_credit_ms = 0.0  # probing time granted by time budgets and not spent yet
 
     def view(self) -> StateView:
         """The current state as readers see it."""
@@ -409,7 +411,8 @@ class LiveState:
 
     def probe(self, budget: ProbeBudget, seed: int | None = None, max_new_tokens: int = 16) -> ProbeReport:
         """Ask stored probes of entries sampled by age, from the pool alone and with the bank, and the
-        degradation loss on a held-out text; reads the memory, never changes it (no batch runs meanwhile)."""
+        degradation loss on a held-out text; reads the memory, never changes it (no batch runs meanwhile).
+        Time budgets not spent carry over to later calls."""
         with self._write_lock:
             next_seq = self.bank.next_seq
             rng = random.Random(next_seq if seed is None else seed)
@@ -422,7 +425,17 @@ class LiveState:
                 with self._model_turns.query():
                     return self.runner.lm_loss(HELDOUT_TEXT)
 
-            return run_probes(probes, ask, loss, budget)
+            if budget.max_ms is None:
+                return run_probes(probes, ask, loss, budget, self._probe_costs)
+            # time budgets accumulate while unspent, so probes that cost more than one call's budget still
+            # run every few calls and the share of time they take converges to the budget's
+            costs = self._probe_costs
+            cap = 10 * budget.max_ms + (costs.loss_ms or 0.0) + (costs.question_ms or 0.0)
+            self._probe_credit_ms = min(self._probe_credit_ms + budget.max_ms, cap)
+            granted = ProbeBudget(budget.questions, self._probe_credit_ms)
+            report = run_probes(probes, ask, loss, granted, costs)
+            self._probe_credit_ms -= report.elapsed_ms
+            return report
 
     def _replay(self, first_seq: int, base_version: int, base_offsets: dict[str, dict[int, int]]) -> None:
         """Replay the bank's entries from `first_seq` onto the live pool and publish the result."""

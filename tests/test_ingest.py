@@ -32,7 +32,9 @@ SERVER_ENV = {"OMP_NUM_THREADS": "1"}  # the machine is shared; one thread per s
 CRASH_STEPS = ["after_consume", "after_inject", "before_commit"]
 # where the model server dies: computing the batch, writing its bank entries (data files written, commit
 # not), and after the entries are durable but before the batch is published and answered
-SERVER_CRASH_STEPS = ["mid_inject", "mid_append", "after_append"]
+# (a minute each: the default suite kills it mid-append; the other two run with the slow tests)
+SERVER_CRASH_STEPS = [pytest.param("mid_inject", marks=pytest.mark.slow), "mid_append",
+                      pytest.param("after_append", marks=pytest.mark.slow)]
 BATCH_METRICS = {"documents", "dlq", "injections", "injection_ms", "documents_per_s", "memory_version"}
 
 

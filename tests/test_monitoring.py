@@ -83,7 +83,8 @@ def test_poisoned_batch_degrades_retention_and_a_rollback_with_exclusions_restor
     poison = [bio_document(p, rng, f"{topic_name}-poison-{i}") for i, p in enumerate(poisoned_people)]
     ingest = ["ingest", "--until-drained", "--bootstrap", kafka.bootstrap, "--server", server.url,
               "--mlflow-uri", mlflow_server.uri, "--topic", topic_name, "--group", topic_name,
-              "--batch-size", str(BATCH_SIZE), "--poll-timeout", "5"]
+              "--batch-size", str(BATCH_SIZE), "--poll-timeout", "5",
+              "--probe-share", "0.9"]  # a time budget large enough that every batch's probes get asked
 
     publish(kafka.bootstrap, topic_name, facts)
     assert run_ckl(*ingest).returncode == 0

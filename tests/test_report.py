@@ -68,8 +68,8 @@ def populate(uri: str, experiment: str, steps: int = 12, rollback_to: int = 6,
         logged["a"][version] = batch_metrics(version, rng, BANK_EM)
         tracker.log_batch(first, version, logged["a"][version], batch_tags("a", version))
     rollback = tracker.log_rollback({
-        "from_version": steps, "to_version": rollback_to, "mode": "truncate", "excluded": "doc-17,doc-18",
-        "removed_entries": DOCS_PER_BATCH * (steps - rollback_to), "pool_sha256": "9f2c" * 16,
+        "from_version": steps, "to_version": rollback_to, "mode": "replay", "excluded": "doc-17,doc-18",
+        "removed_documents": DOCS_PER_BATCH * (steps - rollback_to), "pool_sha256": "9f2c" * 16,
         "from_lineage": "a", "to_lineage": "b",
     })
     tracker.end_lineage(first, "rollback")
@@ -90,6 +90,9 @@ def deployment(mlflow_server, monkeypatch) -> str:
 @pytest.fixture
 def populated(mlflow_server, deployment) -> dict:
     return populate(mlflow_server.uri, experiment_name(deployment))
+
+
+WINDOW = ("--window", "10")  # the batches expected_alert averages
 
 
 def expected_alert(logged: dict[int, dict[str, float]], window: int = 10, threshold: float = 0.8) -> str:
@@ -123,11 +126,11 @@ def test_report_data_holds_each_lineage_history_by_memory_version_and_the_rollba
     (rollback,) = data.rollbacks
     assert rollback.operator == "alice"
     assert rollback.fields == {
-        "from_version": "12", "to_version": "6", "mode": "truncate", "excluded": "doc-17,doc-18",
-        "removed_entries": "192", "pool_sha256": "9f2c" * 16, "from_lineage": "a", "to_lineage": "b",
+        "from_version": "12", "to_version": "6", "mode": "replay", "excluded": "doc-17,doc-18",
+        "removed_documents": "192", "pool_sha256": "9f2c" * 16, "from_lineage": "a", "to_lineage": "b",
     }
 
-    assert check(data, 0.8) == [expected_alert(populated["logged"]["b"])]
+    assert check(data, 0.8, window=10) == [expected_alert(populated["logged"]["b"])]
     assert check(data, 0.8, window=3) == [expected_alert(populated["logged"]["b"], window=3)]
     assert {re.search(r"age (\S+)", alert)[1] for alert in check(data, 0.8, mode="pool")} == {
         "1-10", "11-100", "101-1000"}
@@ -141,7 +144,7 @@ def test_ckl_report_check_exits_1_naming_the_bucket_and_tags_the_newest_lineage_
     alert = expected_alert(populated["logged"]["b"])
 
     with caplog.at_level(logging.WARNING, logger="pipelines.report_cli"):
-        assert report(mlflow_server.uri, deployment, out, "--check", "--threshold", "0.8") == 1
+        assert report(mlflow_server.uri, deployment, out, "--check", "--threshold", "0.8", *WINDOW) == 1
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed and "status: ALERT" in printed and alert in printed
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
@@ -150,11 +153,11 @@ def test_ckl_report_check_exits_1_naming_the_bucket_and_tags_the_newest_lineage_
     assert ALERT_TAG not in client.get_run(populated["a"]).data.tags
     assert html.escape(alert) in out.read_text()
 
-    assert report(mlflow_server.uri, deployment, out, "--check", "--threshold", "0.3") == 0
+    assert report(mlflow_server.uri, deployment, out, "--check", "--threshold", "0.3", *WINDOW) == 0
     assert "status: OK" in capsys.readouterr().out
     assert client.get_run(populated["b"]).data.tags[ALERT_TAG] == ""
 
-    assert report(mlflow_server.uri, deployment, out, "--threshold", "0.8") == 0  # no --check: report only
+    assert report(mlflow_server.uri, deployment, out, "--threshold", "0.8", *WINDOW) == 0  # no --check
     assert "status: ALERT" in capsys.readouterr().out
     assert client.get_run(populated["b"]).data.tags[ALERT_TAG] == ""
 

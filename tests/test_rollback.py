@@ -147,7 +147,17 @@ def test_probes_ask_stored_questions_by_age_without_changing_the_memory(runner, 
     metrics = probe_metrics(report.to_dict())
     assert 0 <= metrics["retention/bank/em/age_1-10"] <= 1 and "degradation_loss" in metrics
     assert state.probe(ProbeBudget(questions=0)).questions == 0
-    assert state.probe(ProbeBudget(questions=50, max_ms=1e-6)).questions == 1  # the time budget stops it
+    # a time budget smaller than the loss and a question were seen to cost: nothing runs
+    spent = state.probe(ProbeBudget(questions=50, max_ms=0.001))
+    assert spent.questions == 0 and spent.degradation_loss is None
+    # unspent budgets carry over: a few calls later there is room for a question, and the time spent stays
+    # within what the calls granted (plus the last item's overrun)
+    share = ProbeBudget(questions=50, max_ms=report.elapsed_ms / report.questions / 3)
+    reports = [state.probe(share)]
+    while not reports[-1].questions:
+        reports.append(state.probe(share))
+        assert len(reports) < 30
+    assert sum(r.elapsed_ms for r in reports) <= (len(reports) + 3) * share.max_ms + report.elapsed_ms
 
 
 def test_token_f1_and_age_buckets():
