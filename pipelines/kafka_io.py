@@ -16,6 +16,11 @@ DOCS_TOPIC = "ckl.docs"
 DLQ_TOPIC = "ckl.docs.dlq"
 # name -> partition count used when the project creates the topic
 DOCUMENT_TOPICS: dict[str, int] = {DOCS_TOPIC: 3, DLQ_TOPIC: 1}
+# The broker's default largest message (message.max.bytes) plus room for the dead-letter headers: whatever
+# the broker took on ckl.docs fits the DLQ with its reason and source position.
+DLQ_MAX_MESSAGE_BYTES = 1_000_012 + 64 * 1024
+# name -> topic configs set when the project creates the topic
+TOPIC_CONFIGS: dict[str, dict[str, str]] = {DLQ_TOPIC: {"max.message.bytes": str(DLQ_MAX_MESSAGE_BYTES)}}
 
 _TOPIC_ALREADY_EXISTS = 36
 
@@ -23,15 +28,17 @@ _TOPIC_ALREADY_EXISTS = 36
 def ensure_topics(bootstrap: str, partitions: dict[str, int], replication_factor: int = 1) -> dict[str, int]:
     """Create the missing topics of {name: partition count}; existing topics are left unchanged.
 
-    Idempotent and safe against a concurrent creator. Returns the partition count each topic has now
-    (an existing topic keeps its own count; a mismatch with the requested one is logged).
+    Idempotent and safe against a concurrent creator. New topics get their TOPIC_CONFIGS. Returns the
+    partition count each topic has now (an existing topic keeps its own count and configs; a partition
+    count other than the requested one is logged).
     """
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="ckl-admin")
     try:
         existing = {t["name"]: len(t["partitions"]) for t in admin.describe_topics() if t["error_code"] == 0}
         missing = {name: count for name, count in partitions.items() if name not in existing}
         if missing:
-            spec = {name: {"num_partitions": count, "replication_factor": replication_factor}
+            spec = {name: {"num_partitions": count, "replication_factor": replication_factor,
+                           "configs": TOPIC_CONFIGS.get(name, {})}
                     for name, count in missing.items()}
             response = admin.create_topics(spec, raise_errors=False)
             for topic in response["topics"]:

@@ -1,7 +1,9 @@
 """`ckl services up|down|status`: the local Kafka broker (with ZooKeeper) and MLflow tracking server.
 
 up      start what is not running (running services are reused), wait until each answers,
-        write .ckl/services.json (kafka_bootstrap, mlflow_uri, pids, ports, logs)
+        write .ckl/services.json (kafka_bootstrap, mlflow_uri, pids, ports, logs), and create the
+        project's topics if missing (ckl.docs with 3 partitions, its dead-letter topic ckl.docs.dlq), so
+        any Kafka client can publish documents
 down    stop everything gracefully (SIGTERM, then SIGKILL after a timeout); no process is left
 status  what runs where: pid, address, memory, log; exit code 0 only when every service answers
 State and logs live in .ckl/ (or $CKL_HOME); logs in .ckl/logs/.
@@ -27,14 +29,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     services = LocalServices()
     if args.action == "up":
+        from pipelines.kafka_io import DOCUMENT_TOPICS, ensure_topics
+
         started = time.perf_counter()
         try:
             info = services.start(timeout=args.timeout)
         except ServiceError as error:
             print(f"ckl services up failed: {error}")
             return 1
+        topics = ensure_topics(info["kafka_bootstrap"], DOCUMENT_TOPICS)  # any Kafka client can publish
         print(f"services up in {time.perf_counter() - started:.1f} s")
         print(f"  kafka_bootstrap  {info['kafka_bootstrap']}")
+        print("  topics           " + ", ".join(f"{name} ({n} partitions)" for name, n in topics.items()))
         print(f"  mlflow_uri       {info['mlflow_uri']}")
         print(f"  written to       {services.info_path}")
         return 0

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
-from kafka.admin import NewTopic
+from kafka.admin import ConfigResource, NewTopic
 from kafka.errors import KafkaTimeoutError
 
+from pipelines.kafka_io import DLQ_MAX_MESSAGE_BYTES, DLQ_TOPIC, DOCS_TOPIC, DOCUMENT_TOPICS
 from pipelines.services import LocalServices, ServiceError, ZooKeeper, load_services_info
 
 CKL = Path(sys.executable).with_name("ckl")
@@ -167,7 +168,24 @@ def cli_state(tmp_path_factory) -> Path:
 
 
 def test_up_writes_services_json_and_both_services_answer(cli_state, topic_name):
+    """Also: `up` creates the project's topics, so a plain kafka-python producer publishes to ckl.docs with
+    no other step; the dead-letter topic takes a message the size of the broker's largest plus headers."""
     info = load_services_info(cli_state)
+    producer = KafkaProducer(bootstrap_servers=info["kafka_bootstrap"], max_block_ms=10_000)
+    try:
+        sent = producer.send(DOCS_TOPIC, b'{"doc_id": "plain-client", "text": "Sent by any Kafka client."}')
+        assert sent.get(timeout=10).topic == DOCS_TOPIC
+        assert len(producer.partitions_for(DOCS_TOPIC)) == DOCUMENT_TOPICS[DOCS_TOPIC]
+    finally:
+        producer.close()
+    admin = KafkaAdminClient(bootstrap_servers=info["kafka_bootstrap"])
+    try:
+        resource = ConfigResource("TOPIC", DLQ_TOPIC, configs={"max.message.bytes": None})
+        described = admin.describe_configs([resource])
+    finally:
+        admin.close()
+    assert described["topic"][DLQ_TOPIC]["max.message.bytes"]["value"] == str(DLQ_MAX_MESSAGE_BYTES)
+
     assert info["kafka_bootstrap"].startswith("127.0.0.1:")
     assert info["mlflow_uri"].startswith("http://127.0.0.1:")
     assert all(alive(service["pid"]) for service in info["services"].values())
