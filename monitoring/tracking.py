@@ -16,6 +16,7 @@ The structure (docs/monitoring.md says why):
 mlflow is imported lazily so that DAG parsing and `ckl --help` stay fast.
 """
 
+import functools
 import getpass
 import json
 import os
@@ -34,6 +35,17 @@ MAX_TAG_CHARS = 1000
 def experiment_name(deployment: str | None = None) -> str:
     """The deployment's experiment: `ckl-<deployment>` (CKL_DEPLOYMENT, default "local")."""
     return f"ckl-{deployment or os.environ.get(DEPLOYMENT_ENV) or 'local'}"
+
+
+def tracker_for(tracking_uri: str) -> "Tracker":
+    """This process's Tracker of a tracking server or store in the current deployment's experiment, made once
+    (it remembers the lineage runs it has looked up)."""
+    return _tracker(tracking_uri, experiment_name())
+
+
+@functools.cache
+def _tracker(tracking_uri: str, experiment: str) -> "Tracker":
+    return Tracker(tracking_uri, experiment)
 
 
 class Tracker:

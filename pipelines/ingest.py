@@ -10,7 +10,6 @@ entries are durable. A crash before the commit redelivers the batch; the server'
 doc_ids) skips what it already has. A server killed before its append never applied the batch: it
 restarts from its checkpoint + bank replay and applies the redelivery.
 """
-import functools
 import logging
 import os
 import time
@@ -193,16 +192,11 @@ def _probe(client: ModelServerClient, settings: IngestSettings, batch_seconds: f
     return client.probe(settings.probe_questions, max_ms=max(max_ms, 1.0))
 
 
-@functools.cache
-def _tracker(tracking_uri: str):
-    from monitoring.tracking import Tracker
-
-    return Tracker(tracking_uri)
-
-
 def _log_to_mlflow(settings: IngestSettings, client: ModelServerClient, batch: Batch, report: BatchReport,
                    result: InjectResponse) -> None:
-    tracker = _tracker(settings.mlflow_uri)
+    from monitoring.tracking import tracker_for
+
+    tracker = tracker_for(settings.mlflow_uri)
     lineage_run = tracker.lineage_run(result.lineage, params=lambda: _lineage_params(client, settings))
     metrics = {
         "documents": report.applied,

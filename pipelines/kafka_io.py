@@ -55,9 +55,11 @@ def ensure_topics(bootstrap: str, partitions: dict[str, int], replication_factor
         admin.close()
 
 
-def make_producer(bootstrap: str, client_id: str = "ckl-producer") -> KafkaProducer:
-    """A producer that sends raw bytes and waits for all in-sync replicas (idempotent, retries)."""
-    return KafkaProducer(bootstrap_servers=bootstrap, client_id=client_id, acks="all", linger_ms=5)
+def make_producer(bootstrap: str, client_id: str = "ckl-producer", **config) -> KafkaProducer:
+    """A producer that sends raw bytes and waits for all in-sync replicas (idempotent, retries); `config`
+    adds or overrides KafkaProducer settings."""
+    return KafkaProducer(**{"bootstrap_servers": bootstrap, "client_id": client_id, "acks": "all",
+                            "linger_ms": 5, **config})
 
 
 def committed_offsets(bootstrap: str, group: str, timeout_s: float = 30.0) -> dict[TopicPartition, int]:
@@ -108,9 +110,13 @@ def group_members(bootstrap: str, group: str) -> int:
     """How many consumers are members of `group` right now."""
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="ckl-admin")
     try:
-        return len(admin.describe_groups([group])[group]["members"])
+        return _members(admin, group)
     finally:
         admin.close()
+
+
+def _members(admin: KafkaAdminClient, group: str) -> int:
+    return len(admin.describe_groups([group])[group]["members"])
 
 
 def move_group_offsets(bootstrap: str, group: str, offsets: dict[TopicPartition, int],
@@ -124,7 +130,7 @@ def move_group_offsets(bootstrap: str, group: str, offsets: dict[TopicPartition,
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="ckl-admin")
     try:
         while True:
-            if group_members(bootstrap, group) == 0:
+            if _members(admin, group) == 0:
                 request = {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}
                 errors = admin.alter_group_offsets(group, request)
                 failed = {tp: error for tp, error in errors.items() if error is not NoError}

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 from kafka import TopicPartition
 
+from monitoring.tracking import tracker_for
 from pipelines.ingest import IngestSettings, batches_until_drained, open_client
 from pipelines.kafka_io import move_group_offsets
 from serving.client import ModelServerClient
@@ -81,7 +82,7 @@ def rollback(settings: IngestSettings, target: str, mode: str = "replay",
         recorded_sha256=None, from_lineage=result.previous_lineage, to_lineage=result.lineage,
         checkpoint=result.checkpoint,
     )
-    tracker = _tracker(settings)
+    tracker = tracker_for(settings.mlflow_uri) if settings.mlflow_uri else None
     if tracker is not None:
         outcome.recorded_sha256 = tracker.recorded_pool_sha256(result.previous_lineage, version)
     if tracker is not None and outcome.from_lineage != outcome.to_lineage:
@@ -115,14 +116,6 @@ def _topic_partition(key: str) -> TopicPartition:
     """The partition named "topic/partition" (Kafka topic names cannot contain a slash)."""
     topic, partition = key.rsplit("/", 1)
     return TopicPartition(topic, int(partition))
-
-
-def _tracker(settings: IngestSettings):
-    if not settings.mlflow_uri:
-        return None
-    from monitoring.tracking import Tracker
-
-    return Tracker(settings.mlflow_uri)
 
 
 def _switch_lineage(tracker, outcome: RollbackOutcome) -> None:

@@ -10,18 +10,34 @@ Contract, stated in code below:
 - Delivery is at least once: uncommitted messages come again after a restart or a rebalance (a
   partition moved to another member restarts from its committed offset), so downstream steps skip
   doc_ids they already have.
+- Dead letters are written once per source message. A commit records, in its offset metadata, where
+  the DLQ ended; when a partition's messages come again, the DLQ is read from there and messages whose
+  source position it already holds are counted as dead-lettered, not sent again. (Without that metadata,
+  after offsets were moved by hand or by `ckl rollback --replay`, the whole DLQ is read once.)
+- A message too large for the DLQ even though the broker took it on the source topic (a topic with a
+  larger max.message.bytes than the DLQ's) is dead-lettered as a reference: a JSON value naming its
+  topic, partition, offset and size, with header ckl.dlq.reference = "true".
 """
 
+import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
 from kafka.structs import OffsetAndMetadata
 
-from pipelines.kafka_io import DLQ_TOPIC, DOCS_TOPIC, DOCUMENT_TOPICS, ensure_topics, make_producer
+from pipelines.kafka_io import (
+    DLQ_MAX_MESSAGE_BYTES,
+    DLQ_TOPIC,
+    DOCS_TOPIC,
+    DOCUMENT_TOPICS,
+    ensure_topics,
+    make_producer,
+)
 from pipelines.schema import DEFAULT_MAX_TEXT_CHARS, Document, InvalidDocument, parse_document
 
 log = logging.getLogger(__name__)
@@ -31,6 +47,8 @@ DEFAULT_GROUP = "ckl-ingest"
 DLQ_REASON, DLQ_FIELD = "ckl.dlq.reason", "ckl.dlq.field"
 DLQ_SOURCE_TOPIC, DLQ_SOURCE_PARTITION, DLQ_SOURCE_OFFSET = (
     "ckl.dlq.source_topic", "ckl.dlq.source_partition", "ckl.dlq.source_offset")
+DLQ_REFERENCE = "ckl.dlq.reference"  # "true": the value names the message instead of copying it
+_TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
 # once a batch has started, a poll that brings nothing for this long means the stream is idle
 _IDLE_POLL_MS = 500
 # A consumer that died (SIGKILL, lost node) keeps its partitions until its session times out; 10 s lets a
@@ -74,10 +92,11 @@ class DeadLetter:
     source_topic: str
     source_partition: int
     source_offset: int
+    reference: bool = False  # the value is {"topic", "partition", "offset", "size"} of a too large message
 
     @classmethod
     def from_record(cls, record: ConsumerRecord) -> "DeadLetter":
-        headers = {name: value.decode() for name, value in record.headers or []}
+        headers = {name: value.decode("utf-8", "replace") for name, value in record.headers or []}
         return cls(
             key=record.key,
             value=record.value,
@@ -86,7 +105,36 @@ class DeadLetter:
             source_topic=headers[DLQ_SOURCE_TOPIC],
             source_partition=int(headers[DLQ_SOURCE_PARTITION]),
             source_offset=int(headers[DLQ_SOURCE_OFFSET]),
+            reference=headers.get(DLQ_REFERENCE) == "true",
         )
+
+
+@dataclass(frozen=True)
+class _Letter:
+    """A dead letter to send: the original message, its source position and why."""
+
+    topic: str
+    partition: int
+    offset: int
+    value: bytes | None
+    key: bytes | None
+    reason: str
+    field: str
+    headers: tuple = ()
+
+    @classmethod
+    def of_invalid(cls, record: ConsumerRecord, error: InvalidDocument) -> "_Letter":
+        """The letter of a message that is not a valid document."""
+        return cls(record.topic, record.partition, record.offset, record.value, record.key, error.reason,
+                   error.field, tuple(record.headers or ()))
+
+    def as_reference(self) -> "_Letter":
+        """The same letter with a JSON reference to the message instead of its bytes (and headers)."""
+        about = {"topic": self.topic, "partition": self.partition, "offset": self.offset,
+                 "size": len(self.value or b"") + len(self.key or b"")}
+        reason = f"{self.reason}; the message ({about['size']} bytes) is too large to copy"
+        return _Letter(self.topic, self.partition, self.offset, json.dumps(about).encode(), self.key,
+                       reason, self.field, ((DLQ_REFERENCE, b"true"),))
 
 
 class DocumentSource:
@@ -116,7 +164,12 @@ class DocumentSource:
         )
         # the broker never auto-creates topics: make sure dead letters have somewhere to go
         ensure_topics(bootstrap, {dlq_topic: DOCUMENT_TOPICS.get(dlq_topic, 1)})
-        self._dlq = make_producer(bootstrap, client_id=f"ckl-dlq-{group}")
+        self._bootstrap = bootstrap
+        self._dlq = make_producer(bootstrap, client_id=f"ckl-dlq-{group}",
+                                  max_request_size=DLQ_MAX_MESSAGE_BYTES)
+        self._dlq_reader: KafkaConsumer | None = None  # reads the DLQ back (no group), made when needed
+        # partition -> its source offsets at or after the committed one that the DLQ already holds
+        self._dead_lettered: dict[int, set[int]] = {}
 
     def poll_batch(self, max_docs: int, timeout_s: float = 10.0) -> Batch:
         """Read up to `max_docs` messages (valid and invalid count alike) within `timeout_s`.
@@ -127,25 +180,22 @@ class DocumentSource:
         """
         records = self._poll_records(max_docs, timeout_s)
         try:
-            documents, dlq_sends = [], []
+            documents, letters = [], []
             for record in records:
                 try:
                     document = parse_document(record.value or b"", self.max_text_chars)
                 except InvalidDocument as error:
-                    dlq_sends.append(self._send_to_dlq(record, error))
+                    letters.append(_Letter.of_invalid(record, error))
                 else:
                     documents.append(SourcedDocument(document, record.topic, record.partition, record.offset))
-            if dlq_sends:
-                self._dlq.flush()
-                for future in dlq_sends:
-                    future.get(timeout=30)  # raises if the broker did not take the record
+            self._send_letters(letters)
         except BaseException:
             self._rewind(records)
             raise
         offsets: dict[int, int] = {}
         for record in records:
             offsets[record.partition] = max(offsets.get(record.partition, 0), record.offset + 1)
-        return Batch(self.topic, tuple(documents), len(dlq_sends), offsets)
+        return Batch(self.topic, tuple(documents), len(letters), offsets)
 
     def commit(self, batch: Batch) -> None:
         """Commit the offsets after `batch`: call only once what the batch produced is durable.
@@ -161,12 +211,19 @@ class DocumentSource:
             log.warning("partitions %s were reassigned before the commit; they will be redelivered", lost)
         owned = {tp: meta for tp, meta in offsets.items() if tp in assigned}
         if owned:
-            self._consumer.commit(owned)
+            # where the DLQ ends now: dead letters of messages after this commit can only come later
+            metadata = json.dumps({"dlq_end": self._dlq_end_offsets()}, separators=(",", ":"))
+            self._consumer.commit({tp: OffsetAndMetadata(m.offset, metadata, -1) for tp, m in owned.items()})
+            for tp, meta in owned.items():
+                known = self._dead_lettered.get(tp.partition, set())
+                self._dead_lettered[tp.partition] = {offset for offset in known if offset >= meta.offset}
 
     def close(self) -> None:
         """Leave the group without committing anything and release the connections."""
         self._consumer.close(autocommit=False)
         self._dlq.close()
+        if self._dlq_reader is not None:
+            self._dlq_reader.close()
 
     def __enter__(self) -> "DocumentSource":
         return self
@@ -197,33 +254,106 @@ class DocumentSource:
 
     def dead_letter(self, documents: Sequence[SourcedDocument], reason: str) -> None:
         """Send valid documents that must not be applied (a rollback excluded them) to the DLQ with
-        `reason`; returns once the broker has them all."""
-        sends = [
-            self._send(sourced.topic, sourced.partition, sourced.offset, sourced.document.to_json().encode(),
-                       sourced.document.doc_id.encode(), reason, "doc_id")
+        `reason`, unless it holds them already; returns once the broker has them all."""
+        self._send_letters([
+            _Letter(sourced.topic, sourced.partition, sourced.offset, sourced.document.to_json().encode(),
+                    sourced.document.doc_id.encode(), reason, "doc_id")
             for sourced in documents
-        ]
+        ])
+
+    def _send_letters(self, letters: Sequence[_Letter]) -> None:
+        """Write the letters whose source position the DLQ does not hold yet, and wait for the broker.
+        A letter too large for the DLQ is written as a reference instead."""
+        self._load_dead_lettered({letter.partition for letter in letters})
+        new = [letter for letter in letters if letter.offset not in self._dead_lettered[letter.partition]]
+        if not new:
+            return
+        sent, too_large = [], []
+        for letter in new:
+            try:  # the producer refuses a record over its max_request_size right away
+                sent.append((letter, self._send(letter)))
+            except _TOO_LARGE:
+                too_large.append(letter)
         self._dlq.flush()
-        for future in sends:
-            future.get(timeout=30)
+        for letter, future in sent:
+            try:
+                future.get(timeout=30)  # raises if the broker did not take the record
+            except _TOO_LARGE:
+                too_large.append(letter)
+        if too_large:
+            references = [self._send(letter.as_reference()) for letter in too_large]
+            self._dlq.flush()
+            for future in references:
+                future.get(timeout=30)
+        for letter in new:
+            self._dead_lettered[letter.partition].add(letter.offset)
 
-    def _send_to_dlq(self, record: ConsumerRecord, error: InvalidDocument):
-        return self._send(record.topic, record.partition, record.offset, record.value, record.key,
-                          error.reason, error.field, record.headers or [])
-
-    def _send(self, topic: str, partition: int, offset: int, value: bytes | None, key: bytes | None,
-              reason: str, field_name: str, original_headers: list | tuple = ()):
-        log.info("dead-lettering %s[%d]@%d: %s", topic, partition, offset, reason)
+    def _send(self, letter: _Letter):
+        log.info("dead-lettering %s[%d]@%d: %s", letter.topic, letter.partition, letter.offset, letter.reason)
         about = {
-            DLQ_REASON: reason,
-            DLQ_FIELD: field_name,  # may come from the message itself, hence backslashreplace
-            DLQ_SOURCE_TOPIC: topic,
-            DLQ_SOURCE_PARTITION: str(partition),
-            DLQ_SOURCE_OFFSET: str(offset),
+            DLQ_REASON: letter.reason,
+            DLQ_FIELD: letter.field,  # may come from the message itself, hence backslashreplace
+            DLQ_SOURCE_TOPIC: letter.topic,
+            DLQ_SOURCE_PARTITION: str(letter.partition),
+            DLQ_SOURCE_OFFSET: str(letter.offset),
         }
         headers = [(name, text.encode("utf-8", "backslashreplace")) for name, text in about.items()]
-        headers += list(original_headers)
-        return self._dlq.send(self.dlq_topic, value=value, key=key, headers=headers)
+        headers += list(letter.headers)
+        return self._dlq.send(self.dlq_topic, value=letter.value, key=letter.key, headers=headers)
+
+    def _load_dead_lettered(self, partitions: Iterable[int]) -> None:
+        """Learn which messages of these partitions (from their committed offsets on) the DLQ holds, for the
+        partitions not known yet: read the DLQ from where the last commit saw it end."""
+        assigned = {tp.partition for tp in self._consumer.assignment() if tp.topic == self.topic}
+        for partition in [p for p in self._dead_lettered if p not in assigned]:
+            del self._dead_lettered[partition]  # revoked: a later owner of it may have dead-lettered more
+        missing = set(partitions) - set(self._dead_lettered)
+        if not missing:
+            return
+        floors, starts = {}, {}
+        for partition in missing:
+            committed = self._consumer.committed(TopicPartition(self.topic, partition), metadata=True)
+            floors[partition] = committed.offset if committed else 0
+            ends = _recorded_dlq_end(committed.metadata if committed else "")
+            for dlq_partition in self._dlq_partitions():
+                start = ends.get(dlq_partition, 0)
+                starts[dlq_partition] = min(starts.get(dlq_partition, start), start)
+        held = {partition: set() for partition in missing}
+        for letter in self._read_dlq(starts):
+            if letter.source_topic == self.topic and letter.source_partition in held:
+                if letter.source_offset >= floors[letter.source_partition]:
+                    held[letter.source_partition].add(letter.source_offset)
+        self._dead_lettered.update(held)
+
+    def _dlq_partitions(self) -> list[int]:
+        reader = self._reader()
+        return sorted(reader.partitions_for_topic(self.dlq_topic) or {0})
+
+    def _dlq_end_offsets(self) -> dict[int, int]:
+        tps = [TopicPartition(self.dlq_topic, p) for p in self._dlq_partitions()]
+        return {tp.partition: offset for tp, offset in self._reader().end_offsets(tps).items()}
+
+    def _read_dlq(self, starts: dict[int, int]) -> list["DeadLetter"]:
+        """Every dead letter from `starts` (DLQ partition -> offset) to the DLQ's current end."""
+        reader = self._reader()
+        tps = [TopicPartition(self.dlq_topic, p) for p in starts]
+        ends = reader.end_offsets(tps)
+        reader.assign(tps)
+        for tp in tps:
+            reader.seek(tp, starts[tp.partition])
+        letters = []
+        while any(reader.position(tp) < ends[tp] for tp in tps):
+            for records in reader.poll(timeout_ms=1000).values():
+                letters += [DeadLetter.from_record(record) for record in records]
+        if not any(starts.values()):
+            log.info("read the whole DLQ (%d letters): no commit recorded where it ended", len(letters))
+        return letters
+
+    def _reader(self) -> KafkaConsumer:
+        if self._dlq_reader is None:
+            self._dlq_reader = KafkaConsumer(bootstrap_servers=self._bootstrap, group_id=None,
+                                             enable_auto_commit=False, client_id="ckl-dlq-reader")
+        return self._dlq_reader
 
     def _rewind(self, records: list[ConsumerRecord]) -> None:
         """Seek back to the first record of each partition in `records`, so they are read again."""
@@ -233,5 +363,14 @@ class DocumentSource:
             first[tp] = min(first.get(tp, record.offset), record.offset)
         assigned = self._consumer.assignment()
         for tp, offset in first.items():
+            self._dead_lettered.pop(tp.partition, None)  # a failed send may have written some letters
             if tp in assigned:
                 self._consumer.seek(tp, offset)
+
+
+def _recorded_dlq_end(metadata: str) -> dict[int, int]:
+    """The DLQ end offsets a commit recorded in its metadata ({} when none were)."""
+    try:
+        return {int(p): int(offset) for p, offset in json.loads(metadata)["dlq_end"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {}

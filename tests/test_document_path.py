@@ -7,7 +7,7 @@ import sys
 import time
 from collections import Counter
 
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
 from pipelines import kafka_io
@@ -141,6 +141,66 @@ def test_uncommitted_batch_is_delivered_again_and_committed_one_is_not(kafka, to
     assert ids == [[f"d{i}" for i in range(6)], [f"d{i}" for i in range(6)], [f"d{i}" for i in range(6, 10)]]
     assert [d.offset for d in again.documents] == [d.offset for d in first.documents]
     assert committed_offsets(kafka.bootstrap, topic_name) == {0: 6}
+
+
+def test_a_redelivered_batch_does_not_dead_letter_a_message_twice(kafka, topic_name):
+    dlq = f"{topic_name}.dlq"
+    ensure_topics(kafka.bootstrap, {topic_name: 1, dlq: 1})
+    producer = make_producer(kafka.bootstrap)
+    for i in range(8):  # offsets 0, 2, 4, 6 invalid
+        producer.send(topic_name, value=doc(f"d{i}") if i % 2 else b"not json")
+    producer.flush()
+    producer.close()
+
+    def new_source() -> DocumentSource:
+        return DocumentSource(kafka.bootstrap, topic_name, dlq, group=topic_name)
+
+    with new_source() as source:  # dead-letters 0, 2, 4, then dies before its commit
+        first = source.poll_batch(max_docs=5)
+    with new_source() as source:  # 0-6 again: only 6 is sent
+        again = source.poll_batch(max_docs=7)
+        source.commit(again)
+    with new_source() as source:  # 7, after a commit that recorded where the DLQ ended; then excluded
+        rest = source.poll_batch(max_docs=8)
+        source.commit(rest)
+        source.dead_letter(rest.documents, "excluded by rollback")
+    # moved back as `ckl rollback --replay` does (no metadata): the whole DLQ is read back
+    kafka_io.move_group_offsets(kafka.bootstrap, topic_name, {TopicPartition(topic_name, 0): 0})
+    with new_source() as source:
+        replay = source.poll_batch(max_docs=8)
+        source.dead_letter(replay.documents, "excluded by rollback")
+
+    assert [b.dead_lettered for b in (first, again, rest, replay)] == [3, 4, 0, 4]
+    assert [d.offset for d in replay.documents] == [1, 3, 5, 7]
+    letters = [DeadLetter.from_record(r) for r in read_topic(kafka.bootstrap, dlq, 9, timeout_s=5)]
+    assert sorted(letter.source_offset for letter in letters) == list(range(8)), "each message once"
+    assert {letter.reason for letter in letters if letter.source_offset % 2} == {"excluded by rollback"}
+
+
+def test_a_message_too_large_for_the_dlq_is_dead_lettered_as_a_reference(kafka, topic_name):
+    dlq, size = f"{topic_name}.dlq", 2_000_000
+    ensure_topics(kafka.bootstrap, {dlq: 1})  # the DLQ keeps the broker's default limit of about 1 MB
+    admin = KafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    try:  # a source topic configured for messages larger than the DLQ takes
+        admin.create_topics({topic_name: {"num_partitions": 1, "replication_factor": 1,
+                                          "configs": {"max.message.bytes": str(3 * size)}}})
+        admin.wait_for_topics([topic_name])
+    finally:
+        admin.close()
+    producer = make_producer(kafka.bootstrap, max_request_size=3 * size)
+    producer.send(topic_name, value=b"x" * size, key=b"huge").get(timeout=30)
+    producer.send(topic_name, value=doc("after")).get(timeout=30)
+    producer.close()
+
+    with DocumentSource(kafka.bootstrap, topic_name, dlq, group=topic_name) as source:
+        batch = source.poll_batch(max_docs=2, timeout_s=20)
+        source.commit(batch)
+
+    assert [d.document.doc_id for d in batch.documents] == ["after"], "the partition is not blocked"
+    letter = DeadLetter.from_record(read_topic(kafka.bootstrap, dlq, 1)[0])
+    assert letter.reference and letter.key == b"huge"
+    assert json.loads(letter.value) == {"topic": topic_name, "partition": 0, "offset": 0, "size": size + 4}
+    assert "too large to copy" in letter.reason and "not JSON" in letter.reason
 
 
 def test_group_resumes_after_broker_sigkill_with_no_gap_and_no_duplicate(kafka, topic_name):

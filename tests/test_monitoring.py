@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import mlflow
 import pytest
+from dead_letters import dead_letters
 from kafka import KafkaConsumer, TopicPartition
 from repo_dags import load_dag
 
@@ -27,7 +28,6 @@ from pipelines.kafka_io import (
     make_producer,
     move_group_offsets,
 )
-from pipelines.source import DeadLetter
 from serving.client import ModelServerClient
 from serving.process import ServerProcess, ckl_command
 from serving.settings import DEFAULT_CHECKPOINT, WRITE_TOKEN_ENV
@@ -114,20 +114,11 @@ def test_poisoned_batch_degrades_retention_and_a_rollback_with_exclusions_restor
     assert memory.pool_sha256 == good.pool_sha256 and memory.memory_version == good.memory_version
     assert memory.lineage_parent == good.lineage and memory.lineage != good.lineage
 
-    letters = [letter for letter in dead_letters(kafka.bootstrap) if letter.source_topic == topic_name]
+    letters = dead_letters(kafka.bootstrap, topic_name)
     assert sorted(json.loads(letter.value)["doc_id"] for letter in letters) == sorted(excluded.split(","))
     assert {letter.reason for letter in letters} == {EXCLUDED_REASON}
 
     assert_tracked(mlflow_server.uri, good.lineage, memory.lineage, good.memory_version)
-
-
-def dead_letters(bootstrap: str) -> list[DeadLetter]:
-    consumer = KafkaConsumer(DLQ_TOPIC, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                             consumer_timeout_ms=3000)
-    try:
-        return [DeadLetter.from_record(record) for record in consumer]
-    finally:
-        consumer.close()
 
 
 def assert_tracked(uri: str, old_lineage: str, new_lineage: str, version: int) -> None:
