@@ -33,8 +33,8 @@ def ckl_report():
 
         from airflow.sdk.exceptions import AirflowFailException
 
-        from pipelines.paths import state_dir
         from pipelines.report_cli import publish
+        from runtime.paths import state_dir
 
         out = Path(params["out"]) if params["out"] else state_dir() / "report.html"
         alerts = publish(out, check=True, threshold=float(params["threshold"]), mode=params["mode"],

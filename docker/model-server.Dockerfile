@@ -22,6 +22,7 @@ COPY compression/ compression/
 COPY pipelines/ pipelines/
 COPY monitoring/ monitoring/
 COPY serving/ serving/
+COPY runtime/ runtime/
 COPY docker/entrypoint.sh docker/
 COPY docker/http-ok /usr/local/bin/http-ok
 RUN pip install --no-cache-dir -c requirements.lock --editable . \

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from compression.bank import BankError, MemoryBank
-    from pipelines.paths import state_dir
+    from runtime.paths import state_dir
 
     uri = args.bank or str(state_dir() / "bank")
     try:

@@ -1,8 +1,8 @@
 """The `ckl` command line: one entry point, one subcommand per module.
 
-Each command module exposes `add_arguments(parser)` and `run(args) -> int`. Every module is imported
-to build the parser, so command modules keep heavy imports (torch, airflow) inside `run`, which keeps
-`ckl --help` fast.
+Each command module exposes `add_arguments(parser)` and `run(args) -> int`. Only the chosen command's
+module is imported (the others are listed by name and help alone), so `ckl --help` stays fast; command
+modules keep heavy imports (torch, airflow) inside `run`, which keeps `ckl COMMAND --help` fast too.
 """
 
 import argparse
@@ -25,8 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with one subparser per command."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser with one subparser per command; only `command`'s module is imported, to add
+    its arguments."""
     parser = argparse.ArgumentParser(
         prog="ckl",
         description="ckl: keep a MemoryLLM current from a Kafka stream of documents.",
@@ -35,13 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module_name, help_text) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(_module=module_name)
-        importlib.import_module(module_name).add_arguments(sub)
+        if name == command:
+            importlib.import_module(module_name).add_arguments(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments and run the chosen command; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((arg for arg in argv if not arg.startswith("-")), None)  # `ckl` has no options of its own
+    args = build_parser(command).parse_args(argv)
     return importlib.import_module(args._module).run(args)
 
 

@@ -21,10 +21,10 @@ from pipelines.airflow_env import airflow_environment, migrate, run_dag
 from pipelines.bios import bio_document, generate_people
 from pipelines.ingest import SERVER_URL_ENV
 from pipelines.kafka_io import DLQ_TOPIC, DOCS_TOPIC, consumer_lag, topic_size
-from pipelines.paths import state_dir
 from pipelines.report_cli import publish
 from pipelines.services import LocalServices
 from pipelines.source import DEFAULT_GROUP
+from runtime.paths import state_dir
 from serving.client import ModelServerClient
 from serving.process import DEFAULT_CHECKPOINT, ServerProcess, stop_running_server
 from serving.settings import WRITE_TOKEN_ENV
@@ -65,17 +65,17 @@ def ask_probes(client: ModelServerClient, documents: list[dict], show: int) -> t
     from model.prompts import answers_match
 
     pool_right = bank_right = asked = 0
-    print(f"{'#':>3}  {'question':<52} {'pool alone':<24} {'with bank':<24} truth")
+    print(f"{'#':>3}  {'question':<52} {'pool alone':<28} {'with bank':<28} truth")
     for position, document in enumerate(documents):
         shown = position < show or position >= len(documents) - show
         for probe in document["probes"]:
-            pool = client.query(probe["question"], max_new_tokens=12, retrieve=False).answer
-            bank = client.query(probe["question"], max_new_tokens=12).answer
+            pool = client.query(probe["question"], max_new_tokens=16, retrieve=False).answer
+            bank = client.query(probe["question"], max_new_tokens=16).answer
             pool_ok, bank_ok = answers_match(pool, probe["answer"]), answers_match(bank, probe["answer"])
             pool_right, bank_right, asked = pool_right + pool_ok, bank_right + bank_ok, asked + 1
             if shown:
-                print(f"{position:>3}  {probe['question'][:52]:<52} {_marked(pool, pool_ok):<24} "
-                      f"{_marked(bank, bank_ok):<24} {probe['answer']}")
+                print(f"{position:>3}  {probe['question'][:52]:<52} {_marked(pool, pool_ok):<28} "
+                      f"{_marked(bank, bank_ok):<28} {probe['answer']}")
         if position == show - 1 and len(documents) > 2 * show:
             print(f"{'...':>3}")
     return pool_right, bank_right, asked
@@ -109,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     stop_running_server(state)
     server = ServerProcess(args.model, state, write_token=token, detach=True).start()
     print(f"  serving at {server.url} (pid {server.process.pid}, log {server.log_path})")
+    with ModelServerClient(server.url) as client:
+        earlier = client.memory()
+    if earlier.documents_applied:
+        print(f"  restored from {state}: {earlier.documents_applied} documents applied by earlier runs "
+              f"(memory version {earlier.memory_version}); this run adds to them "
+              "(`make clean` starts afresh)")
 
     step(3, total, f"Publishing {args.people} biographies and {len(BAD_MESSAGES)} bad messages")
     stream = state / "demo" / f"stream-{seed:x}.jsonl"
@@ -129,9 +135,12 @@ def main(argv: list[str] | None = None) -> int:
         run_dag("ckl_ingest", environment, conf={"batch_size": args.batch_size})
     with ModelServerClient(server.url) as client:
         memory = client.memory()
-        print(f"  drained after {runs} runs: {memory.documents_applied} documents applied, "
-              f"{memory.injections} contexts injected, memory version {memory.memory_version}; "
-              f"{topic_size(bootstrap, DLQ_TOPIC) - dead_letters_before} messages sent to {DLQ_TOPIC}")
+        applied = memory.documents_applied - earlier.documents_applied
+        dead_lettered = topic_size(bootstrap, DLQ_TOPIC) - dead_letters_before
+        in_all = f" ({memory.documents_applied} in memory in all)" if earlier.documents_applied else ""
+        print(f"  drained after {runs} runs: {applied} documents applied, "
+              f"{memory.injections - earlier.injections} contexts injected, memory version "
+              f"{memory.memory_version}; {dead_lettered} messages sent to {DLQ_TOPIC}{in_all}")
 
         step(5, total, "Asking the probes' questions over HTTP, from the pool alone and with the memory bank "
                        "(# = position in publishing order; the 3 partitions interleave the injection order)")

@@ -18,11 +18,11 @@ from dataclasses import asdict, dataclass, field
 
 from monitoring.probes import probe_metrics
 from monitoring.tracking import MLFLOW_URI_ENV
-from pipelines.faults import crash_point
 from pipelines.kafka_io import DOCS_TOPIC
-from pipelines.paths import state_dir
 from pipelines.services import load_services_info
 from pipelines.source import DEFAULT_GROUP, Batch, DocumentSource
+from runtime.faults import crash_point
+from runtime.paths import state_dir
 from serving.client import ModelServerClient, read_server_file
 from serving.schemas import InjectResponse, ProbeResponse
 from serving.settings import WRITE_TOKEN_ENV

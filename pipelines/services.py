@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.paths import cache_dir, state_dir
+from runtime.paths import cache_dir, state_dir
 
 HOST = "127.0.0.1"
 KAFKA_RELEASE = "kafka_2.12-2.3.0"

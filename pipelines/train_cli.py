@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from pipelines import bios, filler
-from pipelines.paths import cache_dir
+from runtime.paths import cache_dir
 
 TRAIN_PEOPLE = 50_000
 EXPERIMENT = "ckl-train"

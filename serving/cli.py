@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pipelines.paths import cache_dir, state_dir
+    from runtime.paths import cache_dir, state_dir
 
     if args.stop:
         from serving.process import stop_running_server

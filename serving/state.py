@@ -41,7 +41,7 @@ from compression.slots import SlotFormat
 from model import MemoryStateError
 from model.prompts import extract_answer, format_question
 from monitoring.probes import HELDOUT_TEXT, ProbeBudget, ProbeCosts, ProbeReport, run_probes, sample_probes
-from pipelines.faults import crash_point
+from runtime.faults import crash_point
 from serving.lineage import Lineage, load_lineage, save_lineage
 from serving.runner import ModelRunner
 from serving.schemas import InjectDocument

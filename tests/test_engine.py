@@ -14,7 +14,7 @@ from test_model import CONTEXT, QUERY, SHORT_CONTEXT, injected_model, tiny_model
 from model import MemoryLLM
 from model.distributed import free_port, prepare_distributed_env
 from model.engine import EngineConfig, HostedMemoryLLM, load_engine
-from pipelines.paths import cache_dir
+from runtime.paths import cache_dir
 
 REPO = Path(__file__).resolve().parents[1]
 DISTRIBUTED_ENV = (

@@ -15,9 +15,9 @@ from repo_dags import load_dag
 from tiny_checkpoint import make_tiny_checkpoint
 
 from monitoring.tracking import experiment_name
-from pipelines.faults import CRASH_ENV
 from pipelines.ingest import BOOTSTRAP_ENV, MLFLOW_URI_ENV, SERVER_URL_ENV
 from pipelines.kafka_io import DLQ_TOPIC, consumer_lag, ensure_topics, make_producer
+from runtime.faults import CRASH_ENV
 from serving.client import ModelServerClient
 from serving.process import ServerProcess, ckl_command
 from serving.settings import WRITE_TOKEN_ENV
