@@ -3,17 +3,24 @@
 One batch: consume -> validate (invalid to the DLQ, inside `DocumentSource.poll_batch`) -> inject through
 the model server (idempotent by doc_id; durable when it returns: the server appends the batch's entries
 to its memory bank before answering; documents a rollback excluded go to the DLQ) -> retention probes
-within a budget -> log to MLflow -> commit the Kafka offsets.
+within a budget -> commit the Kafka offsets -> log to MLflow.
+
+The MLflow record of a batch is written on a background thread while the next batch is read and
+injected (one record at a time, in order; waited for before the next one and when ingestion stops), so
+tracking never delays a commit. A failure to write it stops ingestion at the next batch; a crash in
+between loses that one batch's record, not its documents.
 
 Exactly once: offsets are committed only after the server answered the inject, so the batch's bank
 entries are durable. A crash before the commit redelivers the batch; the server's ledger (the bank's
 doc_ids) skips what it already has. A server killed before its append never applied the batch: it
 restarts from its checkpoint + bank replay and applies the redelivery.
 """
+import functools
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from monitoring.probes import probe_metrics
@@ -115,9 +122,42 @@ def open_client(settings: IngestSettings) -> ModelServerClient:
     return ModelServerClient(settings.server_url, token=settings.write_token)
 
 
-def process_batch(source: DocumentSource, client: ModelServerClient, settings: IngestSettings) -> BatchReport:
-    """Consume one batch and make it durable, probe retention, then commit its offsets. An empty poll does
-    nothing."""
+class MlflowWriter:
+    """Writes batch records to MLflow on one background thread, one at a time and in order: a record is
+    waited for before the next one starts and on `close`, which is where a failure to write it surfaces."""
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckl-mlflow")
+        self._pending: Future | None = None
+
+    def submit(self, write: Callable[[], None]) -> None:
+        """Start `write` once the previous record is written."""
+        self.wait()
+        self._pending = self._executor.submit(write)
+
+    def wait(self) -> None:
+        """Block until the record in flight is written; re-raises its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._executor.shutdown()
+
+    def __enter__(self) -> "MlflowWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def process_batch(source: DocumentSource, client: ModelServerClient, settings: IngestSettings,
+                  mlflow_writer: MlflowWriter | None = None) -> BatchReport:
+    """Consume one batch and make it durable, probe retention, commit its offsets, then record it in MLflow
+    (on `mlflow_writer`'s thread when given). An empty poll does nothing."""
     started = time.perf_counter()
     batch = source.poll_batch(settings.batch_size, settings.poll_timeout_s)
     crash_point("after_consume")
@@ -146,10 +186,14 @@ def process_batch(source: DocumentSource, client: ModelServerClient, settings: I
         probe_ms=probe.elapsed_ms if probe else 0.0,
         retention=probe_metrics(probe.model_dump()) if probe else {},
     )
-    if settings.mlflow_uri and result is not None:
-        _log_to_mlflow(settings, client, batch, report, result)
     crash_point("before_commit")
     source.commit(batch)
+    if settings.mlflow_uri and result is not None:
+        write = functools.partial(_log_to_mlflow, settings, batch, report, result)
+        if mlflow_writer is not None:
+            mlflow_writer.submit(write)
+        else:
+            write()
     log.info("batch done: %s", report)
     return report
 
@@ -161,9 +205,10 @@ def run_one_batch(settings: IngestSettings) -> BatchReport:
 
 
 def batches_until_drained(settings: IngestSettings) -> Iterator[BatchReport]:
-    """Process batches until a poll brings nothing within the poll timeout."""
-    with open_source(settings) as source, open_client(settings) as client:
-        while not (report := process_batch(source, client, settings)).empty:
+    """Process batches until a poll brings nothing within the poll timeout; each batch's MLflow record is
+    written while the next batch runs."""
+    with open_source(settings) as source, open_client(settings) as client, MlflowWriter() as writer:
+        while not (report := process_batch(source, client, settings, writer)).empty:
             yield report
 
 
@@ -192,12 +237,12 @@ def _probe(client: ModelServerClient, settings: IngestSettings, batch_seconds: f
     return client.probe(settings.probe_questions, max_ms=max(max_ms, 1.0))
 
 
-def _log_to_mlflow(settings: IngestSettings, client: ModelServerClient, batch: Batch, report: BatchReport,
+def _log_to_mlflow(settings: IngestSettings, batch: Batch, report: BatchReport,
                    result: InjectResponse) -> None:
     from monitoring.tracking import tracker_for
 
     tracker = tracker_for(settings.mlflow_uri)
-    lineage_run = tracker.lineage_run(result.lineage, params=lambda: _lineage_params(client, settings))
+    lineage_run = tracker.lineage_run(result.lineage, params=lambda: _lineage_params(settings))
     metrics = {
         "documents": report.applied,
         "duplicates": report.duplicates,
@@ -225,9 +270,11 @@ def _log_to_mlflow(settings: IngestSettings, client: ModelServerClient, batch: B
                          lambda path: save_retention_by_age(settings.mlflow_uri, lineage_run, path))
 
 
-def _lineage_params(client: ModelServerClient, settings: IngestSettings) -> dict[str, object]:
-    """What a lineage run records about the deployment (read once, when the lineage is first seen)."""
-    health = client.health()
+def _lineage_params(settings: IngestSettings) -> dict[str, object]:
+    """What a lineage run records about the deployment (read once, when the lineage is first seen; with a
+    client of its own, as it may run on the MLflow writer's thread)."""
+    with open_client(settings) as client:
+        health = client.health()
     return {
         "model": health.checkpoint, "device": health.device, "dtype": health.dtype,
         "pool_tokens": health.memory.pool_tokens, "tokens_per_injection": health.memory.tokens_per_injection,
