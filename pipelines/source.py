@@ -49,7 +49,8 @@ DLQ_SOURCE_TOPIC, DLQ_SOURCE_PARTITION, DLQ_SOURCE_OFFSET = (
     "ckl.dlq.source_topic", "ckl.dlq.source_partition", "ckl.dlq.source_offset")
 DLQ_REFERENCE = "ckl.dlq.reference"  # "true": the value names the message instead of copying it
 _TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
-# once a batch has started, a poll that brings nothing for this long means the stream is idle
+# once a batch has started and every partition is read to its end, a poll that brings nothing for this long
+# means the stream is idle: the batch ends short instead of waiting for the timeout
 _IDLE_POLL_MS = 500
 # A consumer that died (SIGKILL, lost node) keeps its partitions until its session times out; 10 s lets a
 # restarted worker resume soon (kafka-python would pick 30 s against this broker).
@@ -174,9 +175,10 @@ class DocumentSource:
     def poll_batch(self, max_docs: int, timeout_s: float = 10.0) -> Batch:
         """Read up to `max_docs` messages (valid and invalid count alike) within `timeout_s`.
 
-        Returns early once the stream is idle; an empty batch means nothing arrived in time. If
-        writing to the DLQ fails, the read position is rewound to the start of the batch and the
-        error is raised, so the same messages are read again by the next call.
+        Returns early once the stream is idle (every partition read to its end and nothing new within
+        half a second); an empty batch means nothing arrived in time. If writing to the DLQ fails, the
+        read position is rewound to the start of the batch and the error is raised, so the same messages
+        are read again by the next call.
         """
         records = self._poll_records(max_docs, timeout_s)
         try:
@@ -243,7 +245,7 @@ class DocumentSource:
                 break
             wait_ms = min(remaining_ms, _IDLE_POLL_MS) if records else remaining_ms
             polled = self._consumer.poll(timeout_ms=wait_ms, max_records=max_records - len(records))
-            if not polled and records:
+            if not polled and records and self._caught_up():
                 break
             for record in (record for partition_records in polled.values() for record in partition_records):
                 position = (record.topic, record.partition)
@@ -251,6 +253,14 @@ class DocumentSource:
                     records.append(record)
                     next_offsets[position] = record.offset + 1
         return records
+
+    def _caught_up(self) -> bool:
+        """Whether every assigned partition has been read to its last known end (its high watermark)."""
+        for tp in self._consumer.assignment():
+            highwater = self._consumer.highwater(tp)
+            if highwater is None or self._consumer.position(tp) < highwater:
+                return False
+        return True
 
     def dead_letter(self, documents: Sequence[SourcedDocument], reason: str) -> None:
         """Send valid documents that must not be applied (a rollback excluded them) to the DLQ with
