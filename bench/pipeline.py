@@ -10,7 +10,6 @@ at least 80% of it). Set OMP_NUM_THREADS to give both the same number of torch t
 
 import argparse
 import os
-import random
 import secrets
 import sys
 import tempfile
@@ -23,17 +22,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from pipelines.bios import bio_document, generate_people  # noqa: E402
-from pipelines.ingest import IngestSettings, batches_until_drained  # noqa: E402
-from pipelines.kafka_io import DOCS_TOPIC, DOCUMENT_TOPICS, ensure_topics, make_producer  # noqa: E402
-from pipelines.services import LocalServices  # noqa: E402
-from serving.process import DEFAULT_CHECKPOINT, ServerProcess  # noqa: E402
-
-
-def documents(count: int, seed: int = 0) -> list:
-    rng = random.Random(seed)
-    people = generate_people(count, "heldout", seed)
-    return [bio_document(person, rng, f"bench-{i:05d}") for i, person in enumerate(people)]
+from bench.harness import (  # noqa: E402
+    documents,
+    ingest_settings,
+    local_services,
+    markdown_table,
+    model_server,
+    publish,
+)
+from pipelines.ingest import batches_until_drained  # noqa: E402
+from pipelines.kafka_io import DOCS_TOPIC  # noqa: E402
+from serving.process import DEFAULT_CHECKPOINT  # noqa: E402
 
 
 def pipeline_rate(docs: list, checkpoint: Path, state: Path, batch_size: int,
@@ -42,19 +41,10 @@ def pipeline_rate(docs: list, checkpoint: Path, state: Path, batch_size: int,
     the last commit, and in steady state (after the first batch, which also pays the consumer's group join,
     the first MLflow import and connection, and the server's first append); and the probes' share of the
     batches' time."""
-    info = LocalServices(state).start()
     token = secrets.token_urlsafe(12)
-    server = ServerProcess(checkpoint, state, write_token=token).start()
-    try:
-        ensure_topics(info["kafka_bootstrap"], DOCUMENT_TOPICS)
-        producer = make_producer(info["kafka_bootstrap"])
-        for doc in docs:
-            producer.send(DOCS_TOPIC, value=doc.to_json().encode(), key=doc.doc_id.encode())
-        producer.flush()
-        producer.close()
-        settings = IngestSettings(bootstrap=info["kafka_bootstrap"], server_url=server.url, write_token=token,
-                                  mlflow_uri=info["mlflow_uri"], batch_size=batch_size, poll_timeout_s=3.0,
-                                  probe_questions=probe_questions)
+    with local_services(state) as info, model_server(checkpoint, state, token) as server:
+        publish(info["kafka_bootstrap"], DOCS_TOPIC, docs)
+        settings = ingest_settings(info, server, token, batch_size, probe_questions)
         started, applied, first, probe_ms, batch_ms = time.perf_counter(), 0, None, 0.0, 0.0
         for report in batches_until_drained(settings):
             applied += report.applied
@@ -65,9 +55,6 @@ def pipeline_rate(docs: list, checkpoint: Path, state: Path, batch_size: int,
             raise RuntimeError(f"applied {applied} of {len(docs)} documents")
         steady = (applied - first[1]) / (finished - first[0]) if finished > first[0] else float("nan")
         return applied / (finished - started), steady, probe_ms / batch_ms
-    finally:
-        server.stop()
-        LocalServices(state).stop()
 
 
 def raw_rate(docs: list, checkpoint: Path) -> float:
@@ -108,8 +95,7 @@ def main() -> None:
     values = [len(docs), args.batch_size, args.probe_questions, torch.get_num_threads(), f"{raw:.1f}",
               f"{overall:.1f}", f"{overall / raw:.0%}", f"{steady:.1f}", f"{steady / raw:.0%}",
               f"{probe_share:.0%}"]
-    print("| " + " | ".join(headers) + " |\n|" + "---:|" * len(headers) + "\n| "
-          + " | ".join(str(value) for value in values) + " |")
+    print(markdown_table(headers, [values]))
 
 
 if __name__ == "__main__":

@@ -175,16 +175,19 @@ class RowBuilder:
         rows.answers += [(row, start, end, tag) for start, end, tag in self.answers]
 
 
+def right_padded(rows: Sequence[Sequence[float]], dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Rows of different lengths as one (B, T) tensor, right-padded with zeros."""
+    padded = torch.zeros(len(rows), max(map(len, rows)), dtype=dtype)
+    for i, row in enumerate(rows):
+        padded[i, : len(row)] = torch.tensor(row, dtype=dtype)
+    return padded
+
+
 def to_batch(rows: Rows, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ids, attention_mask, weights), right-padded with id 0 and weight 0: each (B, T)."""
-    length = max(len(r) for r in rows.ids)
-    ids = torch.zeros(len(rows.ids), length, dtype=torch.long)
-    mask = torch.zeros(len(rows.ids), length, dtype=torch.long)
-    weights = torch.zeros(len(rows.ids), length)
-    for i, (row, row_weights) in enumerate(zip(rows.ids, rows.weights, strict=True)):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-        weights[i, : len(row)] = torch.tensor(row_weights)
+    ids = right_padded(rows.ids)
+    mask = right_padded([[1] * len(row) for row in rows.ids])
+    weights = right_padded(rows.weights, torch.float32)
     return ids.to(device), mask.to(device), weights.to(device)
 
 
@@ -319,9 +322,7 @@ class Trainer:
     def _inject(self, pools: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
         """One context into each stream's pool (a batched injection, gradients flowing)."""
         encoded = [self.encode(text) for text in texts]
-        ids = torch.zeros(len(encoded), max(map(len, encoded)), dtype=torch.long)
-        for i, row in enumerate(encoded):
-            ids[i, : len(row)] = torch.tensor(row)
+        ids = right_padded(encoded)
         lengths = torch.tensor([len(row) for row in encoded])
         self.injections += 1
         return self.model.batched_updated_memory(ids.to(self.device), lengths, pools, self.drop_generator)

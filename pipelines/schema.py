@@ -97,6 +97,10 @@ def _decode_object(raw: bytes) -> dict[str, Any]:
         raise InvalidDocument(WHOLE_MESSAGE, f"not JSON ({error.msg} at character {error.pos})") from None
     except RecursionError:
         raise InvalidDocument(WHOLE_MESSAGE, "not JSON (nested too deeply)") from None
+    except InvalidDocument:
+        raise
+    except ValueError as error:  # JSON Python cannot decode: an integer of over 4300 digits
+        raise InvalidDocument(WHOLE_MESSAGE, f"not usable JSON ({error})") from None
     if not isinstance(message, dict):
         raise InvalidDocument(WHOLE_MESSAGE, f"expected a JSON object, got {_json_type(message)}")
     return message

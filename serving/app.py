@@ -3,17 +3,31 @@
 Reads (`/v1/query`, `/v1/memory`, `/v1/snapshots`, `/v1/health`, `/metrics`) are open unless a read token
 is configured; writes (`POST /v1/inject`, `/v1/snapshots`, `/v1/snapshots/prune`, `/v1/bank/compact`,
 `/v1/probe`, `/v1/rollback`) need `Authorization: Bearer <write token>` and are refused with 503 when the
-server has none. The OpenAPI page (`/docs`) documents every body.
+server has none. The OpenAPI page (`/docs`) documents every body. Every refusal is a JSON object with a
+`detail`: a sentence, or for 422 a list of {loc, msg, type} naming each invalid field.
+
+Lanes: queries wait for the model in a lane of their own, where at most `query_concurrency` of them hold a
+worker thread and the rest wait without one. Writes, probes and the cheap reads (health, memory, metrics)
+use the server's other threads, so however many queries queue up, a batch's inject or a health check
+starts at once (the model then alternates fairly between the writer and queries, serving/turns.py).
+Token checks run on the event loop.
 """
 
 import hmac
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
+import anyio
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from monitoring.probes import ProbeBudget
 from serving.metrics import CONTENT_TYPE, ServerMetrics
@@ -53,8 +67,12 @@ def create_app(
 ) -> FastAPI:
     """The API over a loaded live state; `on_shutdown` runs when the server shuts down gracefully."""
 
+    query_lane: anyio.CapacityLimiter | None = None  # made in the event loop, at startup
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        nonlocal query_lane
+        query_lane = anyio.CapacityLimiter(settings.query_concurrency)
         yield
         if on_shutdown is not None:
             on_shutdown()
@@ -66,16 +84,32 @@ def create_app(
         lifespan=lifespan,
     )
 
-    def require_write(credentials: Credentials) -> None:
+    async def require_write(credentials: Credentials) -> None:
         if settings.follow_s is not None:
             raise HTTPException(503, "this server is a read replica (--follow): send writes to the writer")
         if settings.write_token is None:
             raise HTTPException(503, f"writes are disabled: the server was started without {WRITE_TOKEN_ENV}")
         _check_token(credentials, (settings.write_token,))
 
-    def require_read(credentials: Credentials) -> None:
+    async def require_read(credentials: Credentials) -> None:
         if settings.read_token is not None:
             _check_token(credentials, tuple(t for t in (settings.read_token, settings.write_token) if t))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, error: RequestValidationError) -> JSONResponse:
+        """422 naming each invalid field, echoing the input in a form JSON can carry (FastAPI's own handler
+        fails with a 500 on an unpaired surrogate or a NaN in the input)."""
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(error.errors()))}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> Response:
+        """FastAPI's handler, with the reason added to its "There was an error parsing the body" 400 (a body
+        that is not UTF-8, has an integer too long to convert, or is nested too deeply)."""
+        cause = error.__cause__
+        if error.status_code == 400 and isinstance(cause, ValueError | RecursionError):
+            reason = "nested too deeply" if isinstance(cause, RecursionError) else str(cause)
+            error = HTTPException(400, f"the body is not usable JSON: {reason}")
+        return await http_exception_handler(request, error)
 
     @app.middleware("http")
     async def count_errors(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -89,7 +123,7 @@ def create_app(
         return response
 
     @app.post("/v1/query", dependencies=[Depends(require_read)])
-    def query(request: QueryRequest) -> QueryResponse:
+    async def query(request: QueryRequest) -> QueryResponse:
         """Answer a question from the current memory; the answer names the memory version that gave it."""
         if len(request.question) > settings.max_question_chars:
             raise HTTPException(
@@ -97,14 +131,16 @@ def create_app(
                 f"question is {len(request.question)} characters, "
                 f"over the limit of {settings.max_question_chars}",
             )
-        if request.max_new_tokens > settings.max_new_tokens:
-            raise HTTPException(
-                422,
-                f"max_new_tokens is {request.max_new_tokens}, over the limit of {settings.max_new_tokens}",
-            )
+        if request.max_new_tokens > settings.max_new_tokens:  # a 422 shaped like the documented ones
+            limit = settings.max_new_tokens
+            raise RequestValidationError([{
+                "type": "less_than_equal", "loc": ("body", "max_new_tokens"), "input": request.max_new_tokens,
+                "msg": f"max_new_tokens is {request.max_new_tokens}, over the limit of {limit}",
+                "ctx": {"le": limit},
+            }])
         started = time.perf_counter()
-        answer, memory_version, retrieved = state.answer(
-            request.question, request.max_new_tokens, request.retrieve
+        answer, memory_version, retrieved = await anyio.to_thread.run_sync(
+            state.answer, request.question, request.max_new_tokens, request.retrieve, limiter=query_lane
         )
         metrics.observe_query(time.perf_counter() - started)
         return QueryResponse(answer=answer, memory_version=memory_version, retrieved=retrieved)
@@ -255,6 +291,20 @@ def _check_token(credentials: HTTPAuthorizationCredentials | None, accepted: tup
         raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
     if not any(hmac.compare_digest(credentials.credentials.encode(), t.encode()) for t in accepted):
         raise HTTPException(401, "invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+
+def _json_safe(value: Any) -> Any:
+    """A decoded JSON value with what JSON cannot carry made text: unpaired surrogates escaped, NaN and
+    infinities as "nan" / "inf"."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, dict):
+        return {_json_safe(key): _json_safe(item) for key, item in value.items()}
+    return value
 
 
 def _route_path(request: Request) -> str:

@@ -5,13 +5,50 @@ The server's limits (question length, batch size, text size, max_new_tokens) are
 """
 
 from datetime import datetime
+from typing import Annotated
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+
+# Kafka's partition and offset types (int32, int64), which the memory bank stores them as
+INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
 
 
-class QueryRequest(BaseModel):
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must contain non-whitespace text")
+    return value
+
+
+def _iso_timestamp(value: str) -> str:
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError("must be an ISO-8601 date or date-time") from None
+    return value
+
+
+def _whole_number(value: object) -> object:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# the same rules as the Kafka document message (pipelines.schema)
+Text = Annotated[str, Field(min_length=1), AfterValidator(_not_blank)]
+Timestamp = Annotated[str, AfterValidator(_iso_timestamp)]
+# a JSON integer: 3 or 3.0 (JSON Schema's "integer"), never true or "3", even in strict models
+Integer = Annotated[int, BeforeValidator(_whole_number)]
+
+
+class RequestBody(BaseModel):
+    """A request body, held to its documented schema as the Kafka document message is: unknown fields are
+    refused rather than dropped (a typo such as "max_new_token" would fall back to the default silently),
+    and values of another JSON type rather than coerced ("5" or true for an integer, "no" for a boolean)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class QueryRequest(RequestBody):
     question: str = Field(min_length=1, description="Plain text; the server builds the prompt.")
-    max_new_tokens: int = Field(32, ge=1, description="Most tokens to generate for the answer.")
+    max_new_tokens: Integer = Field(32, ge=1, description="Most tokens to generate for the answer.")
     retrieve: bool | None = Field(
         None, description="Bring back memory-bank entries for the question (null: the server's setting)."
     )
@@ -23,30 +60,23 @@ class QueryResponse(BaseModel):
     retrieved: list[str] = Field([], description="doc_ids of the bank entries put in front of the question.")
 
 
-class Probe(BaseModel):
-    question: str = Field(min_length=1)
-    answer: str = Field(min_length=1)
+class Probe(RequestBody):
+    question: Text
+    answer: Text
 
 
-class InjectDocument(BaseModel):
-    doc_id: str = Field(min_length=1, description="Unique id; a doc_id already applied is skipped.")
-    text: str = Field(min_length=1, description="The document text; injected as consecutive contexts.")
+class InjectDocument(RequestBody):
+    doc_id: Text = Field(description="Unique id; a doc_id already applied is skipped.")
+    text: Text = Field(description="The document text; injected as consecutive contexts.")
     source: str | None = None
-    published_at: str | None = Field(None, description="ISO-8601 date or date-time.")
+    published_at: Timestamp | None = Field(None, description="ISO-8601 date or date-time.")
     topic: str = Field(min_length=1, description="Kafka topic the document was consumed from.")
-    partition: int = Field(ge=0, description="Kafka partition.")
-    offset: int = Field(ge=0, description="Kafka offset of the document's message.")
+    partition: Integer = Field(ge=0, le=INT32_MAX, description="Kafka partition.")
+    offset: Integer = Field(ge=0, le=INT64_MAX, description="Kafka offset of the document's message.")
     probes: list[Probe] | None = Field(None, description="Questions the document answers (kept in the bank).")
 
-    @field_validator("doc_id", "text")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must contain non-whitespace text")
-        return value
 
-
-class InjectRequest(BaseModel):
+class InjectRequest(RequestBody):
     documents: list[InjectDocument] = Field(description="Applied in order; at most the server's batch limit.")
 
 
@@ -78,10 +108,12 @@ class MemoryResponse(BaseModel):
     excluded: int = Field(0, description="How many doc_ids rollbacks excluded (refused when they come back).")
 
 
-class ProbeRequest(BaseModel):
-    questions: int = Field(10, ge=0, le=1000, description="Most probe questions (each asked twice).")
-    max_ms: float | None = Field(None, gt=0, description="No new question after this many milliseconds.")
-    seed: int | None = Field(None, description="Sampling seed (null: the bank's size).")
+class ProbeRequest(RequestBody):
+    questions: Integer = Field(10, ge=0, le=1000, description="Most probe questions (each asked twice).")
+    max_ms: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="No new question after this many milliseconds."
+    )
+    seed: Integer | None = Field(None, description="Sampling seed (null: the bank's size).")
 
 
 class BucketScores(BaseModel):
@@ -98,8 +130,8 @@ class ProbeResponse(BaseModel):
     memory_version: int
 
 
-class RollbackRequest(BaseModel):
-    version: int = Field(ge=0, description="The memory version to go back to.")
+class RollbackRequest(RequestBody):
+    version: Integer = Field(ge=0, description="The memory version to go back to.")
     exclude: list[str] = Field([], description="doc_ids to refuse from now on (dead-lettered by ingestion).")
     dry_run: bool = Field(False, description="Only report what the rollback would remove.")
 
@@ -140,8 +172,8 @@ class SnapshotListResponse(BaseModel):
     snapshots: list[SnapshotResponse] = Field(description="Newest first.")
 
 
-class PruneRequest(BaseModel):
-    keep_last: int = Field(ge=1, description="How many of the newest valid snapshots to keep.")
+class PruneRequest(RequestBody):
+    keep_last: Integer = Field(ge=1, description="How many of the newest valid snapshots to keep.")
 
 
 class PruneResponse(BaseModel):

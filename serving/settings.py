@@ -38,7 +38,7 @@ class ServerSettings:
     max_new_tokens: int = 256
     max_batch_documents: int = 512
     max_text_chars: int = 200_000
-    query_concurrency: int = 1  # generations running at once; more only helps on a GPU
+    query_concurrency: int = 1  # queries handed to the model at once (the rest wait without a thread)
     retrieval: RetrievalSettings = RetrievalSettings()
     slot_format: SlotFormat = SlotFormat()
     checkpoints: CheckpointPolicy = CheckpointPolicy()

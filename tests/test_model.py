@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_checkpoint import tiny_config
 
 from model import MemoryLLM, MemoryLLMConfig, MemoryState, MemoryStateError
 from model.memory_pool import dropped_indices, tile_pool
@@ -15,26 +16,14 @@ REFERENCE = Path(__file__).parent / "data" / "reference_tiny"
 K, N = 4, 12
 
 
-def tiny_config(**overrides) -> MemoryLLMConfig:
-    fields = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=48,
-        num_blocks=N // K,
-        num_tokens=K,
-        num_memory_tokens=N,
-        initializer_range=0.3,  # large enough that memory visibly changes predictions
-    )
-    return MemoryLLMConfig(**{**fields, **overrides})
+def small_config(**overrides) -> MemoryLLMConfig:
+    """The tiny shape with this file's K, N, vocabulary and window."""
+    return tiny_config(K, N, **{"vocab_size": 64, "max_position_embeddings": 48, **overrides})
 
 
 def tiny_model(seed: int = 0, **overrides) -> MemoryLLM:
     torch.manual_seed(seed)
-    return MemoryLLM(tiny_config(**overrides)).eval()
+    return MemoryLLM(small_config(**overrides)).eval()
 
 
 def ids(*tokens: int) -> torch.Tensor:
@@ -143,7 +132,7 @@ def test_save_and_load_round_trip_gives_identical_logits_and_memory(tmp_path):
 
 
 def test_reference_config_layout_maps_rope_theta_and_torch_dtype(tmp_path):
-    layout = tiny_config().to_dict()
+    layout = small_config().to_dict()
     del layout["rope_parameters"], layout["dtype"]
     layout.update(rope_theta=500000.0, rope_scaling={"type": "linear", "factor": 2.0}, torch_dtype="float32")
     (tmp_path / "config.json").write_text(json.dumps(layout))
