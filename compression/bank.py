@@ -5,10 +5,12 @@ An entry holds what its injection did to the pool and what retrieval needs of it
     seq          the injection's number (0, 1, ...): the pool after n injections is the pool after entries
                  0..n-1, so replay goes in seq order
     doc_id, chunk, version, created_at, source, published_at, topic, partition, offset, text, probes
-    tokens       the K new memory tokens [L, K, d], exactly as they entered the pool (pool dtype)
+    tokens       the K new memory tokens [L, K, d], exactly as they entered the pool (pool dtype); the
+                 injection that filled an empty pool by tiling may have k = min(K, T) <= K of them (a first
+                 context of T < K tokens): readers take k from the bytes
     dropped      the pool indices that injection dropped ([K], or [L, K] when every layer drops its own);
                  null for the injection that filled an empty pool by tiling
-    slots, slot_scale   the retrieval copy (compression.slots.SlotFormat)
+    slots, slot_scale   the retrieval copy (compression.slots.SlotFormat): min(S, k) tokens per layer
 
 `version` is the server's memory version of the batch that applied the entry; truncating to a version
 deletes the later entries (a rollback). Every append is one Lance commit: its data files are written
@@ -30,7 +32,7 @@ import pyarrow.compute as pc
 import torch
 from lance.fragment import write_fragments
 
-from compression.slots import DTYPES, SlotFormat, tensor_from_bytes, tensor_to_bytes
+from compression.slots import DTYPES, SlotFormat, tensor_from_bytes, tensor_to_bytes, token_count
 
 FORMAT = "ckl-bank/1"
 
@@ -73,7 +75,7 @@ class BankLayout:
 
     @property
     def slots(self) -> int:
-        """S: retrieval slots per layer and entry."""
+        """S: retrieval slots per layer and entry (an entry of k < K tokens has min(S, k))."""
         return self.slot_format.count(self.tokens)
 
     def to_metadata(self) -> dict[bytes, bytes]:
@@ -103,7 +105,7 @@ class NewEntry:
     doc_id: str
     chunk: int
     text: str
-    tokens: torch.Tensor  # [L, K, d] in the pool's dtype
+    tokens: torch.Tensor  # [L, K, d] in the pool's dtype ([L, k, d], 1 <= k <= K, when dropped is None)
     dropped: torch.Tensor | None  # [K] or [L, K]; None for the tiling fill of an empty pool
     source: str | None = None
     published_at: str | None = None
@@ -197,11 +199,21 @@ class MemoryBank:
         return self._dataset.take(self._positions(seqs).tolist(), columns=columns)
 
     def slots(self, seqs: Sequence[int]) -> list[torch.Tensor]:
-        """The retrieval slots [L, S, d] (float32) of the entries `seqs`, in that order."""
-        table = self._take(seqs, ["slots", "slot_scale"])
-        shape = (self.layout.layers, self.layout.slots, self.layout.hidden)
-        values, scales = table.column("slots").to_pylist(), table.column("slot_scale").to_pylist()
-        return [self.layout.slot_format.decode(v, s, shape) for v, s in zip(values, scales, strict=True)]
+        """The retrieval slots [L, S, d] (float32) of the entries `seqs`, in that order (fewer than S for an
+        entry of fewer tokens)."""
+        table = self._take(seqs, ["seq", "slots", "slot_scale"])
+        layers, hidden, slot_format = self.layout.layers, self.layout.hidden, self.layout.slot_format
+        decoded = []
+        columns = (table.column(name).to_pylist() for name in ("seq", "slots", "slot_scale"))
+        for seq, values, scales in zip(*columns, strict=True):
+            try:
+                count = slot_format.slot_count(values, layers, hidden)
+            except ValueError as error:
+                raise BankError(f"entry {seq}: unreadable retrieval slots: {error}") from None
+            if count > self.layout.slots:
+                raise BankError(f"entry {seq}: {count} retrieval slots, the bank keeps {self.layout.slots}")
+            decoded.append(slot_format.decode(values, scales, (layers, count, hidden)))
+        return decoded
 
     def infos(self, seqs: Sequence[int] | None = None, where: str | None = None) -> list[dict]:
         """Entry metadata (no tensors) as dicts, by seq or SQL filter, in seq order."""
@@ -248,12 +260,23 @@ class MemoryBank:
                 if row["dropped"] is not None:
                     drop_shape = (layout.layers, layout.tokens) if layout.drop_per_layer else (layout.tokens,)
                     dropped = tensor_from_bytes(row["dropped"], torch.int32, drop_shape).long()
+                count = self._token_count(row["seq"], row["tokens"], dtype, tiling=dropped is None)
                 yield PoolRecord(
                     seq=row["seq"], doc_id=row["doc_id"], version=row["version"],
-                    tokens=tensor_from_bytes(row["tokens"], dtype, (layout.layers, layout.tokens,
-                                                                   layout.hidden)),
+                    tokens=tensor_from_bytes(row["tokens"], dtype, (layout.layers, count, layout.hidden)),
                     dropped=dropped, topic=row["topic"], partition=row["partition"], offset=row["offset"],
                 )
+
+    def _token_count(self, seq: int, data: bytes, dtype: torch.dtype, tiling: bool) -> int:
+        """k of a stored entry's exact tokens: K, or 1..K for a tiling entry; BankError otherwise."""
+        try:
+            count = token_count(data, dtype, self.layout.layers, self.layout.hidden)
+        except ValueError as error:
+            raise BankError(f"entry {seq}: unreadable tokens: {error}") from None
+        if count > self.layout.tokens or (count != self.layout.tokens and not tiling):
+            raise BankError(f"entry {seq}: {count} tokens per layer, expected "
+                            f"{'at most ' if tiling else ''}{self.layout.tokens}")
+        return count
 
     # ------------------------------------------------------------------------------------------ writing
 
@@ -311,11 +334,18 @@ class MemoryBank:
         return seqs
 
     def _check_shape(self, entry: NewEntry) -> None:
+        """Tokens [L, K, d] in the pool's dtype, or [L, k, d] with 1 <= k <= K for a tiling entry (the first
+        context of T < K tokens into an empty pool gives k = T); drops [K] or [L, K]."""
         layout = self.layout
         expected = (layout.layers, layout.tokens, layout.hidden)
-        if tuple(entry.tokens.shape) != expected or str(entry.tokens.dtype) != f"torch.{layout.pool_dtype}":
-            raise BankError(f"entry {entry.doc_id!r}: tokens {tuple(entry.tokens.shape)} {entry.tokens.dtype}"
-                            f" do not fit the bank's {expected} {layout.pool_dtype}")
+        shape = tuple(entry.tokens.shape)
+        tiling = entry.dropped is None
+        fits = shape == expected or (tiling and len(shape) == 3 and 1 <= shape[1] <= layout.tokens
+                                     and (shape[0], shape[2]) == (layout.layers, layout.hidden))
+        if not fits or str(entry.tokens.dtype) != f"torch.{layout.pool_dtype}":
+            allowed = f" (a tiling entry: 1 to {layout.tokens} tokens)" if tiling else ""
+            raise BankError(f"entry {entry.doc_id!r}: tokens {shape} {entry.tokens.dtype}"
+                            f" do not fit the bank's {expected} {layout.pool_dtype}{allowed}")
         if entry.dropped is not None:
             drop_shape = (layout.layers, layout.tokens) if layout.drop_per_layer else (layout.tokens,)
             if tuple(entry.dropped.shape) != drop_shape:

@@ -1,9 +1,10 @@
 """The bank as the memory's write-ahead log: a pool checkpoint + the entries after it = the pool now.
 
-An injection changes the pool by two things only, both kept in its bank entry: the K new tokens and the
-indices it dropped. Re-applying them in seq order (`model.memory_pool.replayed_pool`: tensor indexing,
-no model forward) rebuilds the pool bit for bit, so full checkpoints can be rare and a batch is durable
-as soon as its entries are.
+An injection changes the pool by two things only, both kept in its bank entry: the new tokens (K, or
+k <= K for the first context into an empty pool, which tiles them) and the indices it dropped.
+Re-applying them in seq order (`model.memory_pool.replayed_pool`: tensor indexing, no model forward)
+rebuilds the pool bit for bit, so full checkpoints can be rare and a batch is durable as soon as its
+entries are.
 """
 
 from collections.abc import Iterable

@@ -32,7 +32,8 @@ class RetrievalSettings:
 
 @dataclass(frozen=True)
 class Retrieved:
-    """What a question brought back: entry seqs and doc_ids (oldest first) and their tokens [L, r, d]."""
+    """What a question brought back: entry seqs and doc_ids (oldest first) and their tokens [L, r, d] (r: the
+    entries' slots together; a short tiling entry brings fewer than S)."""
 
     seqs: list[int]
     doc_ids: list[str]
@@ -51,7 +52,7 @@ class Retriever:
 
     @property
     def entries_per_query(self) -> int:
-        """top_k, capped by the token budget (each entry brings S slots per layer)."""
+        """top_k, capped by the token budget (each entry brings at most S slots per layer)."""
         return max(1, min(self.settings.top_k, self.settings.token_budget // self.bank.layout.slots))
 
     def add(self, seqs: Sequence[int], texts: Sequence[str]) -> None:
@@ -67,7 +68,7 @@ class Retriever:
         if not seqs:
             return Retrieved([], [], None)
         doc_ids = {info["seq"]: info["doc_id"] for info in self.bank.infos(seqs)}
-        tokens = torch.cat(self.bank.slots(seqs), dim=1)  # [L, r, d], oldest entry first
+        tokens = torch.cat(self.bank.slots(seqs), dim=1)  # [L, r, d], oldest entry first; lengths may differ
         return Retrieved(seqs, [doc_ids[seq] for seq in seqs], tokens)
 
 
@@ -84,7 +85,8 @@ class StreamBank:
         self.retriever = Retriever(self.bank, settings)
 
     def add(self, doc_id: str, text: str, tokens: torch.Tensor) -> None:
-        """Append one injected context's new tokens [L, K, d] as an entry."""
+        """Append one injected context's new tokens [L, k, d] (k = K, or fewer into an empty pool) as an
+        entry."""
         entry = NewEntry(doc_id, 0, text, tokens.detach(), None)
         seqs = self.bank.append([entry], version=self.bank.next_seq + 1)
         self.retriever.add(seqs, [text])

@@ -156,7 +156,46 @@ def test_retrieval_slots_keep_the_last_s_tokens_within_their_dtype_precision(tmp
         assert (got - expected).abs().max() <= tolerance * expected.abs().max()
 
 
-def test_recorded_updates_of_the_model_replay_to_its_own_injected_pool():
+def test_a_short_tiling_entry_is_kept_and_replayed_bit_for_bit_and_a_short_drop_entry_refused(tmp_path):
+    """The first context of T < K tokens into an empty pool gives k = T new tokens, tiled over the pool: the
+    bank keeps that entry with its k tokens (and min(S, k) slots); any other entry must have K."""
+    entries, start, _ = stream(4)
+    short = entries[0].tokens[:, :3]  # k = 3 < K
+    entries[0] = NewEntry("short-0", 0, "hi", short, None, topic="ckl.docs", partition=0, offset=0)
+    pools, pool = [], start
+    for entry in entries:
+        pool = memory_pool.replayed_pool(pool, entry.tokens, entry.dropped)
+        pools.append(pool)
+    assert torch.equal(pools[0], torch.cat([short] * 5 + [short[:, 2:]], dim=1))  # tiled: 5 x 3 + the last 1
+    bank = MemoryBank(tmp_path / "bank", layout(slots=SlotFormat(2, "int8")))
+    bank.append(entries[:2], version=1)
+    bank.append(entries[2:], version=2)
+
+    reopened = MemoryBank(tmp_path / "bank")
+    records = list(reopened.records(0))
+    assert records[0].tokens.shape == (LAYERS, 3, HIDDEN) and torch.equal(records[0].tokens, short)
+    assert torch.equal(replay(start, False, records, 0).pool, pools[-1])
+    assert [s.shape[1] for s in reopened.slots([0, 1])] == [2, 2]
+    full = MemoryBank(tmp_path / "full-slots", layout())
+    full.append(entries[:2], version=1)
+    assert [s.shape[1] for s in full.slots([0, 1])] == [3, K]
+    assert torch.cat(full.slots([0, 1]), dim=1).shape == (LAYERS, 3 + K, HIDDEN)  # what retrieval does
+    reopened.compact(covered_seq=1)  # its exact tokens go, its slots stay
+    assert torch.equal(replay(pools[0], True, reopened.records(1), 1).pool, pools[-1])
+    assert reopened.slots([0])[0].shape == (LAYERS, 2, HIDDEN)
+
+    bank = MemoryBank(tmp_path / "refusing", layout())
+    drops = entries[1].dropped
+    for tokens, dropped in [(entries[1].tokens[:, :3], drops), (entries[1].tokens[:, :3], drops[:, :3]),
+                            (torch.randn(LAYERS, K + 1, HIDDEN), None),
+                            (torch.randn(LAYERS, 0, HIDDEN), None)]:
+        with pytest.raises(BankError, match="do not fit the bank's"):
+            bank.append([NewEntry("bad", 0, "x", tokens, dropped)], version=1)
+    assert len(bank) == 0
+
+
+@pytest.mark.parametrize("lengths", [(5, 9, 3, 7), (2, 9, 1, 7)])  # (2, ...): a first context shorter than K
+def test_recorded_updates_of_the_model_replay_to_its_own_injected_pool(tmp_path, lengths):
     from model import MemoryLLM, MemoryLLMConfig
 
     config = MemoryLLMConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -164,18 +203,23 @@ def test_recorded_updates_of_the_model_replay_to_its_own_injected_pool():
                              num_tokens=4, num_blocks=4, num_memory_tokens=16, drop_memory_per_layer=True)
     torch.manual_seed(0)
     model = MemoryLLM(config).eval()
-    contexts = [torch.randint(3, 64, (n,)) for n in (5, 9, 3, 7)]
+    contexts = [torch.randint(3, 64, (n,)) for n in lengths]
     start = model.memory.detach().clone()
+    bank = MemoryBank(tmp_path / "bank", BankLayout(2, 4, 16, "float32", True))
     recorded, pool = [], None
     with torch.no_grad():
         generator = torch.Generator().manual_seed(1)
-        for context in contexts:  # the server's path: updates recorded off to the side
+        for i, context in enumerate(contexts):  # the server's path: updates recorded off to the side
             tokens, dropped = model.memory_update(context, memory=pool, generator=generator)
             pool = memory_pool.replayed_pool(start if pool is None else pool, tokens, dropped)
             recorded.append((tokens, dropped))
+            bank.append([NewEntry(f"doc-{i}", 0, f"context {i}", tokens, dropped)], version=i + 1)
         generator = torch.Generator().manual_seed(1)
         for context in contexts:  # the reference path: inject_memory into the model's own pool
             model.inject_memory(context, generator=generator)
 
     assert recorded[0][1] is None and recorded[1][1].shape == (2, 4)
+    assert recorded[0][0].shape[1] == min(4, lengths[0])  # k = min(K, T) into the empty pool
     assert torch.equal(pool, model.memory)
+    replayed = replay(start, False, MemoryBank(tmp_path / "bank").records(0), 0)
+    assert torch.equal(replayed.pool, model.memory)

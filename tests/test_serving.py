@@ -456,6 +456,25 @@ def test_without_any_checkpoint_a_killed_server_replays_its_bank_to_the_same_poo
     assert f"replayed the whole bank ({before.bank_entries} entries)" in fresh_server.log()
 
 
+def test_a_fresh_server_applies_a_first_document_shorter_than_k_and_a_restart_replays_it(fresh_server):
+    """Into the checkpoint's empty pool a context of T < K tokens gives k = T new tokens, tiled over the pool;
+    the bank keeps that short entry, retrieves it, and a restart replays it to the same pool."""
+    with ModelServerClient(fresh_server.url, token=WRITE_TOKEN) as client:
+        assert client.memory().injections == 0
+        assert client.inject([document("short", 0) | {"text": "Oslo"}]).applied == ["short"]
+        assert client.inject([document("after", 1)]).applied == ["after"]
+        assert client.query("Oslo", max_new_tokens=2, retrieve=True).retrieved[0] == "short"
+        before = client.memory()
+        assert before.documents_applied == 2 and client.snapshots() == []
+
+    fresh_server.kill()
+    fresh_server.start()
+
+    with ModelServerClient(fresh_server.url, token=WRITE_TOKEN) as client:
+        assert client.memory() == before  # pool_sha256 included
+    assert f"replayed the whole bank ({before.bank_entries} entries)" in fresh_server.log()
+
+
 def test_compaction_keeps_what_the_oldest_checkpoint_needs_and_the_state_restores_after_it(fresh_server):
     with ModelServerClient(fresh_server.url, token=WRITE_TOKEN) as client:
         client.inject([document("compact-a", 1)])
