@@ -22,6 +22,7 @@ only the columns and rows asked for; `uri` may be a local path or an object-stor
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -287,19 +288,22 @@ class MemoryBank:
         Refuses a doc_id the bank already holds (the caller skips applied documents before injecting).
         `before_commit` runs after the data files are written and before the commit (crash tests).
         """
-        if not entries:
-            return []
-        for entry in entries:
-            if entry.doc_id in self._doc_ids:
-                raise BankError(f"the bank already holds document {entry.doc_id!r}")
-            self._check_shape(entry)
-        first = self.next_seq
-        seqs = list(range(first, first + len(entries)))
+        pending = self.begin_append(version)
+        pending.add(entries)
+        return pending.commit(before_commit)
+
+    def begin_append(self, version: int) -> "PendingAppend":
+        """An append built piece by piece: each `add` writes its entries' data files on a background
+        thread (while the caller computes the next ones), `commit` makes them all visible at once."""
+        return PendingAppend(self, version)
+
+    def _write(self, entries: Sequence[NewEntry], seqs: Sequence[int], version: int) -> list:
+        """The data files (Lance fragments) of entries, not yet part of the dataset."""
         now = datetime.now(UTC)
         slot_values, slot_scales = zip(*(self.layout.slot_format.encode(e.tokens) for e in entries),
                                        strict=True)
         columns = {
-            "seq": seqs,
+            "seq": list(seqs),
             "doc_id": [e.doc_id for e in entries],
             "chunk": [e.chunk for e in entries],
             "version": [version] * len(entries),
@@ -317,10 +321,10 @@ class MemoryBank:
             "slots": list(slot_values),
             "slot_scale": list(slot_scales),
         }
-        table = pa.table(columns, schema=self._schema)
-        fragments = write_fragments(table, self.uri)
-        if before_commit is not None:
-            before_commit()
+        return write_fragments(pa.table(columns, schema=self._schema), self.uri)
+
+    def _commit(self, fragments: list, seqs: Sequence[int], doc_ids: Sequence[str]) -> None:
+        """Make written fragments part of the dataset in one commit, and index them."""
         rows_before = self._dataset.count_rows()
         self._dataset = lance.LanceDataset.commit(
             self.uri, lance.LanceOperation.Append(fragments), read_version=self._dataset.version
@@ -330,8 +334,7 @@ class MemoryBank:
         self._positions_by_seq = np.concatenate(
             [self._positions_by_seq, np.arange(rows_before, rows_before + len(seqs))]
         )
-        self._doc_ids.update(entry.doc_id for entry in entries)
-        return seqs
+        self._doc_ids.update(doc_ids)
 
     def _check_shape(self, entry: NewEntry) -> None:
         """Tokens [L, K, d] in the pool's dtype, or [L, k, d] with 1 <= k <= K for a tiling entry (the first
@@ -414,3 +417,48 @@ def _disk_bytes(uri: str) -> int | None:
         return None
     return sum(os.path.getsize(os.path.join(root, name))
                for root, _, names in os.walk(uri) for name in names)
+
+
+class PendingAppend:
+    """Entries of one memory version on their way into the bank: written as data files as they come (one
+    background thread, so the writing overlaps computing the next entries) and committed together, all or
+    nothing. Nothing is visible before `commit`; an append abandoned or failed leaves only unreferenced
+    files."""
+
+    def __init__(self, bank: MemoryBank, version: int):
+        self.bank, self.version = bank, version
+        self._seqs: list[int] = []
+        self._doc_ids: list[str] = []
+        self._writes: list[Future] = []
+        self._executor: ThreadPoolExecutor | None = None
+
+    def add(self, entries: Sequence[NewEntry]) -> None:
+        """Check the entries and start writing their data files."""
+        for entry in entries:
+            if self.bank.holds(entry.doc_id) or entry.doc_id in self._doc_ids:
+                raise BankError(f"the bank already holds document {entry.doc_id!r}")
+            self.bank._check_shape(entry)
+        if not entries:
+            return
+        first = self.bank.next_seq + len(self._seqs)
+        seqs = list(range(first, first + len(entries)))
+        self._seqs += seqs
+        self._doc_ids += [entry.doc_id for entry in entries]
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckl-bank-write")
+        self._writes.append(self._executor.submit(self.bank._write, list(entries), seqs, self.version))
+
+    def commit(self, before_commit: Callable[[], None] | None = None) -> list[int]:
+        """Wait for the data files, then commit them as one version of the dataset; returns the seqs.
+        `before_commit` runs in between (crash tests)."""
+        try:
+            fragments = [fragment for write in self._writes for fragment in write.result()]
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown()
+        if not fragments:
+            return []
+        if before_commit is not None:
+            before_commit()
+        self.bank._commit(fragments, self._seqs, self._doc_ids)
+        return list(self._seqs)

@@ -2,11 +2,16 @@
 
 A message is one UTF-8 JSON object:
 
-    {"doc_id": str, required, non-blank (unique: downstream skips doc_ids it already has),
+    {"doc_id": str, required, non-blank, at most 512 characters (unique: downstream skips doc_ids it
+               already has),
      "text": str, required, non-blank, at most `max_text_chars` characters,
-     "source": str, optional,
+     "source": str, optional, at most 256 characters,
      "published_at": ISO-8601 date or date-time str, optional,
-     "probes": [{"question": str, "answer": str}, ...], optional, both non-blank}
+     "probes": [{"question": str, "answer": str}, ...], optional, at most 100, both non-blank, at most
+               2,000 characters each}
+
+The field limits are the model server's (serving.schemas), so a document the topic accepts is never
+refused by the server.
 
 Unknown fields are REJECTED rather than kept or dropped: a typo such as "txt" or "published" would
 otherwise lose data silently. Duplicate keys in the object are rejected for the same reason (JSON
@@ -21,6 +26,8 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+from serving.schemas import MAX_DOC_ID_CHARS, MAX_PROBE_CHARS, MAX_PROBES, MAX_SOURCE_CHARS
 
 DEFAULT_MAX_TEXT_CHARS = 200_000
 WHOLE_MESSAGE = "$"
@@ -72,14 +79,10 @@ def parse_document(raw: bytes, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS) -> 
     unknown = sorted(set(message) - set(FIELDS))
     if unknown:
         raise InvalidDocument(unknown[0], f"unknown field (allowed: {', '.join(FIELDS)})")
-    doc_id = _required_text(message, "doc_id")
-    text = _required_text(message, "text")
-    if len(text) > max_text_chars:
-        raise InvalidDocument("text", f"{len(text)} characters, over the limit of {max_text_chars}")
     return Document(
-        doc_id=doc_id,
-        text=text,
-        source=_optional_str(message, "source"),
+        doc_id=_required_text(message, "doc_id", max_chars=MAX_DOC_ID_CHARS),
+        text=_required_text(message, "text", max_chars=max_text_chars),
+        source=_optional_str(message, "source", MAX_SOURCE_CHARS),
         published_at=_optional_timestamp(message, "published_at"),
         probes=_optional_probes(message, "probes"),
     )
@@ -115,7 +118,8 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def _required_text(container: dict[str, Any], name: str, path: str | None = None) -> str:
+def _required_text(container: dict[str, Any], name: str, path: str | None = None,
+                   max_chars: int | None = None) -> str:
     path = path or name
     if name not in container:
         raise InvalidDocument(path, "missing (required)")
@@ -124,16 +128,22 @@ def _required_text(container: dict[str, Any], name: str, path: str | None = None
         raise InvalidDocument(path, f"expected a string, got {_json_type(value)}")
     if not value.strip():
         raise InvalidDocument(path, "empty (must contain non-whitespace text)")
-    return _valid_unicode(value, path)
+    return _valid_unicode(_within(value, path, max_chars), path)
 
 
-def _optional_str(message: dict[str, Any], name: str) -> str | None:
+def _optional_str(message: dict[str, Any], name: str, max_chars: int | None = None) -> str | None:
     value = message.get(name)
     if value is None:
         return None
     if not isinstance(value, str):
         raise InvalidDocument(name, f"expected a string, got {_json_type(value)}")
-    return _valid_unicode(value, name)
+    return _valid_unicode(_within(value, name, max_chars), name)
+
+
+def _within(value: str, path: str, max_chars: int | None) -> str:
+    if max_chars is not None and len(value) > max_chars:
+        raise InvalidDocument(path, f"{len(value)} characters, over the limit of {max_chars}")
+    return value
 
 
 def _valid_unicode(value: str, path: str) -> str:
@@ -162,6 +172,8 @@ def _optional_probes(message: dict[str, Any], name: str) -> tuple[Probe, ...]:
         return ()
     if not isinstance(value, list):
         raise InvalidDocument(name, f"expected a list of question/answer objects, got {_json_type(value)}")
+    if len(value) > MAX_PROBES:
+        raise InvalidDocument(name, f"{len(value)} probes, over the limit of {MAX_PROBES}")
     probes = []
     for index, item in enumerate(value):
         path = f"{name}[{index}]"
@@ -172,8 +184,8 @@ def _optional_probes(message: dict[str, Any], name: str) -> tuple[Probe, ...]:
             raise InvalidDocument(f"{path}.{unknown[0]}", "unknown field (allowed: question, answer)")
         probes.append(
             Probe(
-                question=_required_text(item, "question", f"{path}.question"),
-                answer=_required_text(item, "answer", f"{path}.answer"),
+                question=_required_text(item, "question", f"{path}.question", MAX_PROBE_CHARS),
+                answer=_required_text(item, "answer", f"{path}.answer", MAX_PROBE_CHARS),
             )
         )
     return tuple(probes)

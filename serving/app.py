@@ -114,7 +114,7 @@ def create_app(
     @app.middleware("http")
     async def count_errors(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         try:
-            response = await call_next(request)
+            response = await _refuse_large_bodies(request, call_next, settings.max_body_bytes)
         except Exception:
             metrics.observe_error(_route_path(request), 500)
             raise
@@ -267,6 +267,7 @@ def create_app(
                 max_question_chars=settings.max_question_chars,
                 max_new_tokens=settings.max_new_tokens,
                 max_batch_documents=settings.max_batch_documents,
+                max_body_bytes=settings.max_body_bytes,
                 max_text_chars=settings.max_text_chars,
             ),
             retrieval=RetrievalInfo(
@@ -291,6 +292,16 @@ def _check_token(credentials: HTTPAuthorizationCredentials | None, accepted: tup
         raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
     if not any(hmac.compare_digest(credentials.credentials.encode(), t.encode()) for t in accepted):
         raise HTTPException(401, "invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+
+async def _refuse_large_bodies(request: Request, call_next: Callable[[Request], Awaitable[Response]],
+                               limit: int) -> Response:
+    """413 for a body whose Content-Length is over `limit` bytes, before it is read. (A chunked body, with
+    no Content-Length, is read whole; the fields' own limits still apply to it.)"""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return JSONResponse({"detail": f"the body is {declared} bytes, over the limit of {limit}"}, 413)
+    return await call_next(request)
 
 
 def _json_safe(value: Any) -> Any:

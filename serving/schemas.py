@@ -11,6 +11,12 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 # Kafka's partition and offset types (int32, int64), which the memory bank stores them as
 INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
+# Field limits of a document, shared with the Kafka message (pipelines.schema imports them): whatever the
+# topic accepts, the server accepts, so a valid message can never fail its batch at the server
+MAX_DOC_ID_CHARS, MAX_SOURCE_CHARS = 512, 256
+MAX_PROBES, MAX_PROBE_CHARS = 100, 2_000  # probes per document; characters of a question or an answer
+MAX_TOPIC_CHARS = 249  # Kafka's own limit on topic names
+MAX_EXCLUDED = 10_000  # doc_ids one rollback may exclude
 
 
 def _not_blank(value: str) -> str:
@@ -61,19 +67,22 @@ class QueryResponse(BaseModel):
 
 
 class Probe(RequestBody):
-    question: Text
-    answer: Text
+    question: Text = Field(max_length=MAX_PROBE_CHARS)
+    answer: Text = Field(max_length=MAX_PROBE_CHARS)
 
 
 class InjectDocument(RequestBody):
-    doc_id: Text = Field(description="Unique id; a doc_id already applied is skipped.")
+    doc_id: Text = Field(max_length=MAX_DOC_ID_CHARS,
+                         description="Unique id; a doc_id already applied is skipped.")
     text: Text = Field(description="The document text; injected as consecutive contexts.")
-    source: str | None = None
+    source: str | None = Field(None, max_length=MAX_SOURCE_CHARS)
     published_at: Timestamp | None = Field(None, description="ISO-8601 date or date-time.")
-    topic: str = Field(min_length=1, description="Kafka topic the document was consumed from.")
+    topic: str = Field(min_length=1, max_length=MAX_TOPIC_CHARS,
+                       description="Kafka topic the document was consumed from.")
     partition: Integer = Field(ge=0, le=INT32_MAX, description="Kafka partition.")
     offset: Integer = Field(ge=0, le=INT64_MAX, description="Kafka offset of the document's message.")
-    probes: list[Probe] | None = Field(None, description="Questions the document answers (kept in the bank).")
+    probes: list[Probe] | None = Field(None, max_length=MAX_PROBES,
+                                       description="Questions the document answers (kept in the bank).")
 
 
 class InjectRequest(RequestBody):
@@ -132,7 +141,9 @@ class ProbeResponse(BaseModel):
 
 class RollbackRequest(RequestBody):
     version: Integer = Field(ge=0, description="The memory version to go back to.")
-    exclude: list[str] = Field([], description="doc_ids to refuse from now on (dead-lettered by ingestion).")
+    exclude: list[Annotated[str, Field(max_length=MAX_DOC_ID_CHARS)]] = Field(
+        [], max_length=MAX_EXCLUDED, description="doc_ids to refuse from now on (dead-lettered by ingestion)."
+    )
     dry_run: bool = Field(False, description="Only report what the rollback would remove.")
 
 
@@ -197,6 +208,7 @@ class Limits(BaseModel):
     max_new_tokens: int
     max_batch_documents: int
     max_text_chars: int
+    max_body_bytes: int
 
 
 class RetrievalInfo(BaseModel):

@@ -37,6 +37,7 @@ class ServerSettings:
     max_question_chars: int = 2_000
     max_new_tokens: int = 256
     max_batch_documents: int = 512
+    max_body_bytes: int = 64 * 2**20  # any request body; a full batch of long texts fits
     max_text_chars: int = 200_000
     query_concurrency: int = 1  # queries handed to the model at once (the rest wait without a thread)
     retrieval: RetrievalSettings = RetrievalSettings()

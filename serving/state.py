@@ -50,6 +50,8 @@ from serving.snapshots import SnapshotInfo, list_snapshots, prune, valid_snapsho
 from serving.turns import ModelTurns
 
 log = logging.getLogger(__name__)
+# a batch's bank entries are written in groups of this many, each while the next ones are computed
+_ENTRIES_PER_WRITE = 8
 
 
 class NoValidSnapshot(RuntimeError):
@@ -179,19 +181,23 @@ class LiveState:
                     for chunk, ids in enumerate(chunks)
                 ]
 
+            view = self._view
+            version = view.memory_version + (1 if contexts else 0)
             started = time.perf_counter()
             pool = None
             entries: list[NewEntry] = []
+            append = self.bank.begin_append(version)  # entries are written while the next ones are computed
             for document, chunk, ids, text in contexts:
                 with self._model_turns.update():
                     pool, tokens, dropped = self.runner.next_pool(pool, ids)
                 entries.append(_entry(document, chunk, text, tokens, dropped))
+                if len(entries) % _ENTRIES_PER_WRITE == 0:
+                    append.add(entries[-_ENTRIES_PER_WRITE:])
                 crash_point("mid_inject")  # exactly-once tests: the server dies with a batch half-computed
+            append.add(entries[len(entries) - len(entries) % _ENTRIES_PER_WRITE :])
             injection_ms = (time.perf_counter() - started) * 1000
 
-            view = self._view
-            version = view.memory_version + (1 if pool is not None else 0)
-            seqs = self.bank.append(entries, version, before_commit=lambda: crash_point("mid_append"))
+            seqs = append.commit(before_commit=lambda: crash_point("mid_append"))
             crash_point("after_append")  # durable, not yet published: a restart replays it from the bank
             offsets = _advanced(view.last_offsets, documents)
             if applied or offsets != view.last_offsets:

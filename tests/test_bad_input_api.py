@@ -10,6 +10,7 @@ The schema is loaded from the running server and each operation's cases are draw
 (`schemathesis.pytest.from_fixture`) does not run under pytest 9 (it sets `Node._nodeid`, gone there).
 """
 
+import http.client
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -214,6 +215,14 @@ def test_the_limits_are_enforced_with_413_or_422_naming_the_limit(server):
         ("/v1/probe", {"questions": 1001}, 422, "less than or equal to 1000"),
         ("/v1/inject", {"documents": [{**doc, "partition": 2**31}]}, 422, "less than or equal to 2147483647"),
         ("/v1/inject", {"documents": [{**doc, "offset": 2**63}]}, 422, f"less than or equal to {2**63 - 1}"),
+        ("/v1/inject", {"documents": [{**doc, "doc_id": "d" * 513}]}, 422, "at most 512 characters"),
+        ("/v1/inject", {"documents": [{**doc, "source": "s" * 257}]}, 422, "at most 256 characters"),
+        ("/v1/inject", {"documents": [{**doc, "probes": [{"question": "q?", "answer": "a"}] * 101}]}, 422,
+         "at most 100 items"),
+        ("/v1/inject", {"documents": [{**doc, "probes": [{"question": "q" * 2001, "answer": "a"}]}]}, 422,
+         "at most 2000 characters"),
+        ("/v1/rollback", {"version": 0, "dry_run": True, "exclude": ["x"] * 10_001}, 422,
+         "at most 10000 items"),
     ]
     before = state_of(server.url)
     for path, body, status, message in cases:
@@ -284,3 +293,19 @@ def test_a_first_context_shorter_than_k_tokens_into_an_empty_memory_is_applied(s
     assert response.status_code == 200, response.text
     assert response.json()["applied"] == ["short-first"]
     assert httpx.get(f"{server.url}/v1/memory").json()["injections"] == 1
+
+
+def test_a_body_declared_over_the_limit_is_refused_before_it_is_read(server):
+    limit = httpx.get(f"{server.url}/v1/health").json()["limits"]["max_body_bytes"]
+    connection = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=30)
+    try:  # the headers only: the server must answer without waiting for the body
+        connection.putrequest("POST", "/v1/inject")
+        for name, value in {**AUTHORIZED, "Content-Type": "application/json",
+                            "Content-Length": str(limit + 1)}.items():
+            connection.putheader(name, value)
+        connection.endheaders()
+        response = connection.getresponse()
+        assert response.status == 413
+        assert f"over the limit of {limit}" in json.loads(response.read())["detail"]
+    finally:
+        connection.close()
