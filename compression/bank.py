@@ -434,8 +434,8 @@ class PendingAppend:
 
     def add(self, entries: Sequence[NewEntry]) -> None:
         """Check the entries and start writing their data files."""
-        for entry in entries:
-            if self.bank.holds(entry.doc_id) or entry.doc_id in self._doc_ids:
+        for entry in entries:  # (a document's contexts are entries that share its doc_id)
+            if self.bank.holds(entry.doc_id):
                 raise BankError(f"the bank already holds document {entry.doc_id!r}")
             self.bank._check_shape(entry)
         if not entries:
