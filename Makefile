@@ -16,7 +16,7 @@ setup: .venv/.installed
 	touch $@
 
 demo: setup
-	$(PY) -m pipelines.demo
+	$(PY) -m cli.demo
 
 test: setup
 	$(PY) -m ruff check .

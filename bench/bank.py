@@ -28,8 +28,8 @@ import torch  # noqa: E402
 from compression.bank import BankLayout, MemoryBank, NewEntry  # noqa: E402
 from compression.retrieval import RetrievalSettings, Retriever  # noqa: E402
 from compression.slots import SlotFormat  # noqa: E402
-from model import memory_pool  # noqa: E402
-from pipelines import bios  # noqa: E402
+from model import DEFAULT_CHECKPOINT, memory_pool  # noqa: E402
+from synthetic import bios  # noqa: E402
 
 BATCH = 32
 MIB = 2**20
@@ -81,7 +81,7 @@ def median_ms(samples: list[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--entries", type=int, default=2000, help="entries to append (default 2000)")
-    parser.add_argument("--model", type=Path, default=Path("model/default"), help="checkpoint directory")
+    parser.add_argument("--model", type=Path, default=DEFAULT_CHECKPOINT, help="checkpoint directory")
     parser.add_argument("--questions", type=int, default=40, help="questions timed (default 40)")
     args = parser.parse_args()
 

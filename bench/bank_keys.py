@@ -40,8 +40,9 @@ import numpy as np
 import torch
 
 from compression.keys import BM25Index, DenseIndex, Hits, HybridIndex, MiniLMEncoder, default_device
-from pipelines import bios
-from pipelines.schema import Document, parse_document
+from documents.model import Document
+from documents.parse import parse_document
+from synthetic import bios
 
 FOREIGN_DOCS = Path(__file__).resolve().parents[1] / "tests" / "data" / "foreign_docs.jsonl"
 K = 4

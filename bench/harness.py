@@ -10,13 +10,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipelines.bios import bio_document, generate_people
-from pipelines.ingest import IngestSettings
-from pipelines.kafka_io import DLQ_TOPIC, DOCS_TOPIC, DOCUMENT_TOPICS, ensure_topics, make_producer
-from pipelines.schema import Document
-from pipelines.services import LocalServices
-from pipelines.source import DEFAULT_GROUP
+from documents.model import Document
+from localservices.stack import LocalServices
+from pipelines.kafka_io import DOCUMENT_TOPICS, ensure_topics, make_producer
+from pipelines.settings import DEFAULT_GROUP, DLQ_TOPIC, DOCS_TOPIC, IngestSettings
 from serving.process import ServerProcess
+from synthetic.bios import bio_document, generate_people
 
 
 def documents(count: int, seed: int = 0) -> list[Document]:

@@ -64,10 +64,11 @@ from bench.harness import (  # noqa: E402
     model_server,
     publish,
 )
-from pipelines.ingest import IngestSettings, batches_until_drained  # noqa: E402
+from documents.model import Document  # noqa: E402
+from model import DEFAULT_CHECKPOINT  # noqa: E402
+from pipelines.ingest import batches_until_drained  # noqa: E402
 from pipelines.kafka_io import consumer_lag  # noqa: E402
-from pipelines.schema import Document  # noqa: E402
-from serving.process import DEFAULT_CHECKPOINT  # noqa: E402
+from pipelines.settings import IngestSettings  # noqa: E402
 from serving.schemas import MemoryResponse, QueryRequest, QueryResponse  # noqa: E402
 
 ERROR_PAUSE_S = 0.1  # a client waits this long after an error, so a refusing server is not hammered

@@ -82,7 +82,7 @@ def build_model(bench: BenchConfig, pool_size: int, device: torch.device, dtype:
     model = MemoryLLM(model_config(bench, pool_size)).to(device=device, dtype=dtype).eval()
     if pool_size:
         pool = torch.randn(model.memory.shape, generator=torch.Generator().manual_seed(1))
-        model.set_memory_state(MemoryState(pool=pool, version=0, num_injections=0, initialized=True))
+        model.set_memory_state(MemoryState(pool=pool, generation=0, num_injections=0, initialized=True))
     return model
 
 

@@ -30,9 +30,9 @@ from bench.harness import (  # noqa: E402
     model_server,
     publish,
 )
+from model import DEFAULT_CHECKPOINT  # noqa: E402
 from pipelines.ingest import batches_until_drained  # noqa: E402
 from pipelines.kafka_io import DOCS_TOPIC  # noqa: E402
-from serving.process import DEFAULT_CHECKPOINT  # noqa: E402
 
 
 def pipeline_rate(docs: list, checkpoint: Path, state: Path, batch_size: int,

@@ -1,12 +1,15 @@
-"""ckl_ingest: one ingestion batch per run (consume -> DLQ -> inject -> probes -> MLflow -> commit).
+"""ckl_ingest: one ingestion batch per run (consume -> DLQ -> inject -> probes -> commit -> MLflow).
 
 Wiring only; the work is `pipelines.ingest`. Addresses come from CKL_* environment variables or the
-local `.ckl/` files (see `IngestSettings.resolve`); batch size, topic and group are run parameters.
+local `.ckl/` files (see `pipelines.settings`); batch size, topic and group are run parameters, their
+defaults ingestion's own.
 """
 
 from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag, task
+
+from pipelines.settings import DEFAULT_BATCH_SIZE, DEFAULT_GROUP, DOCS_TOPIC
 
 
 @dag(
@@ -22,16 +25,17 @@ from airflow.sdk import Param, dag, task
         "max_retry_delay": timedelta(minutes=5),
     },
     params={
-        "batch_size": Param(32, type="integer", minimum=1, description="Messages per batch"),
-        "topic": Param("ckl.docs", type="string", description="Topic to consume"),
-        "group": Param("ckl-ingest", type="string", description="Consumer group"),
+        "batch_size": Param(DEFAULT_BATCH_SIZE, type="integer", minimum=1, description="Messages per batch"),
+        "topic": Param(DOCS_TOPIC, type="string", description="Topic to consume"),
+        "group": Param(DEFAULT_GROUP, type="string", description="Consumer group"),
     },
     tags=["ckl"],
 )
 def ckl_ingest():
     @task(queue="gpu")  # injection runs on the model server; keep the caller next to the GPU workers
     def ingest_batch(params: dict) -> dict:
-        from pipelines.ingest import IngestSettings, report_dict, run_one_batch
+        from pipelines.ingest import report_dict, run_one_batch
+        from pipelines.settings import IngestSettings
 
         settings = IngestSettings.resolve(
             batch_size=int(params["batch_size"]), topic=params["topic"], group=params["group"]

@@ -2,12 +2,14 @@
 the memory bank.
 
 Wiring only; the work is `pipelines.maintenance`. The server address and write token come from
-CKL_SERVER_URL / CKL_WRITE_TOKEN or the local `.ckl/server.json` (see `pipelines.ingest.resolve_server`).
+CKL_SERVER_URL / CKL_WRITE_TOKEN or the local `.ckl/server.json` (see `pipelines.settings.resolve_server`).
 """
 
 from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag, task
+
+from pipelines.settings import DEFAULT_KEEP_LAST
 
 
 @dag(
@@ -17,7 +19,8 @@ from airflow.sdk import Param, dag, task
     catchup=False,
     max_active_runs=1,
     default_args={"retries": 2, "retry_delay": timedelta(minutes=1)},
-    params={"keep_last": Param(10, type="integer", minimum=1, description="Newest valid snapshots to keep")},
+    params={"keep_last": Param(DEFAULT_KEEP_LAST, type="integer", minimum=1,
+                               description="Newest valid snapshots to keep")},
     tags=["ckl"],
 )
 def ckl_maintenance():

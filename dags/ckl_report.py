@@ -1,6 +1,6 @@
 """ckl_report: every 30 minutes, write the retention dashboard and check retention (`ckl report --check`).
 
-Wiring only; the work is `pipelines.report_cli.publish`. The run fails (without retries) when an age
+Wiring only; the work is `pipelines.report.publish`. The run fails (without retries) when an age
 bucket's mean exact match over the last `window` batches is below `threshold`; the alert is also set as
 the `ckl.alert` tag of the newest lineage run. MLflow and the deployment come from CKL_MLFLOW_URI (else
 the local `.ckl/services.json`) and CKL_DEPLOYMENT.
@@ -33,10 +33,9 @@ def ckl_report():
 
         from airflow.sdk.exceptions import AirflowFailException
 
-        from pipelines.report_cli import publish
-        from runtime.paths import state_dir
+        from pipelines.report import default_report_path, publish
 
-        out = Path(params["out"]) if params["out"] else state_dir() / "report.html"
+        out = Path(params["out"]) if params["out"] else default_report_path()
         alerts = publish(out, check=True, threshold=float(params["threshold"]), mode=params["mode"],
                          window=int(params["window"]))
         if alerts:

@@ -18,6 +18,8 @@ COPY --chown=airflow:0 pipelines/ pipelines/
 COPY --chown=airflow:0 monitoring/ monitoring/
 COPY --chown=airflow:0 serving/ serving/
 COPY --chown=airflow:0 runtime/ runtime/
+COPY --chown=airflow:0 documents/ documents/
+COPY --chown=airflow:0 cli/ cli/
 COPY --chown=airflow:0 dags/ dags/
 COPY --chown=airflow:0 docker/entrypoint.sh docker/kafka_topics.py docker/
 # DeepSpeed is an sdist whose build imports torch: build it against the torch installed above. Pinning

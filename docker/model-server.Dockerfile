@@ -19,10 +19,11 @@ RUN pip install --no-cache-dir torch==2.13.0 setuptools==84.2.1 \
 COPY pyproject.toml requirements.lock README.md ./
 COPY model/ model/
 COPY compression/ compression/
-COPY pipelines/ pipelines/
 COPY monitoring/ monitoring/
 COPY serving/ serving/
 COPY runtime/ runtime/
+COPY documents/ documents/
+COPY cli/ cli/
 COPY docker/entrypoint.sh docker/
 COPY docker/http-ok /usr/local/bin/http-ok
 RUN pip install --no-cache-dir -c requirements.lock --editable . \

@@ -5,6 +5,9 @@ modules of this package (e.g. model.tokenizer) stay cheap to import.
 """
 
 import importlib
+from pathlib import Path
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "default"  # the committed default model
 
 _EXPORTS = {
     "MemoryLLM": "model.memoryllm",

@@ -7,10 +7,11 @@ first `import deepspeed`: the accelerator choice (DS_ACCELERATOR) is read once, 
 """
 
 import os
-import socket
 from pathlib import Path
 
 import torch
+
+from runtime.supervisor import free_port
 
 
 def resolve_device(name: str | None = "auto") -> torch.device:
@@ -20,13 +21,6 @@ def resolve_device(name: str | None = "auto") -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def prepare_distributed_env(cache_dir: Path | None = None, device: torch.device | None = None) -> None:

@@ -19,13 +19,14 @@ import torch
 class MemoryState:
     """A snapshot of the pool: the tensor [L, N, d] and its bookkeeping.
 
-    `version` counts every change of the pool in this process (updates and loads), so anything derived
-    from the pool (the memory K/V cache) can tell it is stale. `num_injections` counts contexts injected
+    `generation` counts every change of the pool in this process (updates and loads), so anything derived
+    from the pool (the memory K/V cache) can tell it is stale. It is not the server's `memory_version`,
+    which counts published batches. `num_injections` counts contexts injected
     since the pool was first filled. `initialized` is False only for a pool no context has filled yet.
     """
 
     pool: torch.Tensor
-    version: int
+    generation: int
     num_injections: int
     initialized: bool
 

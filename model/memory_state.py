@@ -27,7 +27,7 @@ def state_digest(state: MemoryState) -> str:
     pool = state.pool.detach().contiguous().cpu()
     digest = hashlib.sha256()
     digest.update(
-        f"{FORMAT}|{pool.dtype}|{tuple(pool.shape)}|{state.version}|{state.num_injections}|"
+        f"{FORMAT}|{pool.dtype}|{tuple(pool.shape)}|{state.generation}|{state.num_injections}|"
         f"{int(state.initialized)}|".encode()
     )
     digest.update(pool.reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -41,7 +41,7 @@ def save_state(state: MemoryState, path: str | os.PathLike) -> str:
     sha256 = state_digest(state)
     metadata = {
         "format": FORMAT,
-        "version": str(state.version),
+        "version": str(state.generation),  # the file key predates the rename
         "num_injections": str(state.num_injections),
         "initialized": str(int(state.initialized)),
         "sha256": sha256,
@@ -65,7 +65,7 @@ def load_state(path: str | os.PathLike) -> MemoryState:
     try:
         state = MemoryState(
             pool=pool,
-            version=int(metadata["version"]),
+            generation=int(metadata["version"]),
             num_injections=int(metadata["num_injections"]),
             initialized=bool(int(metadata["initialized"])),
         )

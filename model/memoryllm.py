@@ -327,7 +327,7 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
             self.bos_embedding = nn.Parameter(torch.randn(num_layers, 1, d))
         if config.lora_config is not None:
             add_lora_adapters(self.model, config)
-        self.memory_version = 0  # +1 on every change of the pool (update or load)
+        self.pool_generation = 0  # +1 on every change of the pool in this process (update or load)
         self.num_injections = 0  # contexts injected since the pool was loaded or built
         self.use_memory_cache = True  # reuse the pool's keys/values across queries (see memory_kv)
         self._memory_kv: tuple[tuple, list] | None = None  # (fingerprint, per-layer keys/values)
@@ -401,15 +401,15 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         ]
 
     def _memory_kv_fingerprint(self) -> tuple:
-        """Changes whenever the cached keys/values would: pool version, pool/weight storage and versions."""
+        """Changes whenever the cached keys/values would: pool generation, pool/weight storage, versions."""
         tensors = [self.memory] + ([self.bos_embedding] if self.config.add_bos_embedding else [])
         for layer in self.model.layers:
             tensors += [layer.input_layernorm.weight, *layer.self_attn.k_proj.parameters()]
             tensors += list(layer.self_attn.v_proj.parameters())
-        return (self.memory_version, *((t.data_ptr(), t._version, t.dtype) for t in tensors))
+        return (self.pool_generation, *((t.data_ptr(), t._version, t.dtype) for t in tensors))
 
     def memory_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The pool's per-layer keys/values for queries, computed once per pool version and reused.
+        """The pool's per-layer keys/values for queries, computed once per pool generation and reused.
 
         Recomputed automatically when the pool changes (inject, load) or the weights it depends on do
         (optimizer steps, `to()`). Holds 2 x L x (N + 1) x kv_dim values, like the pool itself.
@@ -741,32 +741,32 @@ class MemoryLLM(PreTrainedModel, GenerationMixin):
         self.memory.data = pool
         self.initialized.fill_(int(initialized))
         self.num_injections = num_injections
-        self.memory_version += 1
+        self.pool_generation += 1
         self.clear_memory_cache()
 
     def memory_state(self) -> MemoryState:
-        """A copy of the pool [L, N, d] with its version, number of injections and initialised flag."""
+        """A copy of the pool [L, N, d] with its generation, number of injections and initialised flag."""
         return MemoryState(
             pool=self.memory.detach().clone(),
-            version=self.memory_version,
+            generation=self.pool_generation,
             num_injections=self.num_injections,
             initialized=bool(self.initialized),
         )
 
     def set_memory_state(self, state: MemoryState) -> None:
-        """Replace the pool by `state`'s (a rollback); the version moves on (+1), injections as in `state`."""
+        """Replace the pool by `state`'s (a rollback); the generation moves on (+1), injections as given."""
         self._set_pool(state.pool, state.num_injections, state.initialized)
 
     def save_memory_state(self, path: str | os.PathLike) -> str:
         """Write the pool and its bookkeeping as safetensors (atomic); returns the recorded SHA-256."""
         state = MemoryState(
-            self.memory.detach(), self.memory_version, self.num_injections, bool(self.initialized)
+            self.memory.detach(), self.pool_generation, self.num_injections, bool(self.initialized)
         )
         return save_state(state, path)
 
     def load_memory_state(self, path: str | os.PathLike) -> MemoryState:
         """Load a memory-state file after verifying its checksum (MemoryStateError otherwise); returns the
-        state as recorded in the file. The live version counter moves on (+1)."""
+        state as recorded in the file. The live generation counter moves on (+1)."""
         state = load_state(path)
         self.set_memory_state(state)
         return state

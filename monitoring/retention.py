@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from model.contexts import split_contexts
 from model.prompts import answers_match, extract_answer, format_question
 
 DEFAULT_LATER = (0, 1, 5, 10, 20, 50, 100)
@@ -58,10 +59,8 @@ class QueryRunner:
         """Inject a text, split into contexts that fit the model's window; returns each context's text and
         new memory tokens."""
         ids = self.encode(text)
-        size = self.model.config.max_context_tokens
         injected = []
-        for start in range(0, len(ids), size):
-            chunk = ids[start : start + size]
+        for chunk in split_contexts(ids, self.model.config.max_context_tokens):
             context = torch.tensor(chunk, device=self.device)
             tokens = self.model.inject_memory(context, generator=self.generator)
             injected.append((text if len(chunk) == len(ids) else self.tokenizer.decode(chunk), tokens))

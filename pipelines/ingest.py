@@ -17,71 +17,21 @@ restarts from its checkpoint + bank replay and applies the redelivery.
 """
 import functools
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from monitoring.probes import probe_metrics
-from monitoring.tracking import MLFLOW_URI_ENV
-from pipelines.kafka_io import DOCS_TOPIC
-from pipelines.services import load_services_info
-from pipelines.source import DEFAULT_GROUP, Batch, DocumentSource
+from pipelines.settings import IngestSettings
+from pipelines.source import Batch, DocumentSource
 from runtime.faults import crash_point
-from runtime.paths import state_dir
-from serving.client import ModelServerClient, read_server_file
+from serving.client import ModelServerClient
 from serving.schemas import InjectResponse, ProbeResponse
-from serving.settings import WRITE_TOKEN_ENV
 
 log = logging.getLogger(__name__)
 
-BOOTSTRAP_ENV, SERVER_URL_ENV = "CKL_KAFKA_BOOTSTRAP", "CKL_SERVER_URL"
 EXCLUDED_REASON = "excluded by rollback"
-
-
-@dataclass(frozen=True)
-class IngestSettings:
-    """Where ingestion reads, writes and reports; `resolve` fills the gaps from env and `.ckl/`."""
-
-    bootstrap: str
-    server_url: str
-    write_token: str | None = field(default=None, repr=False)
-    mlflow_uri: str | None = None
-    topic: str = DOCS_TOPIC
-    group: str = DEFAULT_GROUP
-    batch_size: int = 32
-    poll_timeout_s: float = 10.0
-    probe_questions: int = 10  # retention probes per batch (0: none)
-    probe_share: float = 0.25  # probing's time budget, a share of batch time (unspent budget carries over)
-
-    def __post_init__(self):
-        if not 0 < self.probe_share < 1:
-            raise ValueError(f"probe_share must be between 0 and 1 (exclusive), got {self.probe_share}")
-
-    @classmethod
-    def resolve(cls, **given: object) -> "IngestSettings":
-        """Settings from explicit values, else CKL_* environment variables, else `.ckl/*.json`.
-
-        CKL_KAFKA_BOOTSTRAP, CKL_SERVER_URL, CKL_MLFLOW_URI and CKL_WRITE_TOKEN let a scaled-out
-        deployment point workers at its own services; locally `ckl services up` and `ckl serve` write
-        their addresses into `.ckl/`.
-        """
-        values = {k: v for k, v in given.items() if v is not None}
-        if "bootstrap" not in values or "mlflow_uri" not in values:
-            env_bootstrap, env_mlflow = os.environ.get(BOOTSTRAP_ENV), os.environ.get(MLFLOW_URI_ENV)
-            services = {} if env_bootstrap and env_mlflow else load_services_info()
-            values.setdefault("bootstrap", env_bootstrap or services["kafka_bootstrap"])
-            values.setdefault("mlflow_uri", env_mlflow or services.get("mlflow_uri"))
-        server_url, write_token = resolve_server(values.get("server_url"), values.get("write_token"))
-        return cls(**(values | {"server_url": server_url, "write_token": write_token}))
-
-
-def resolve_server(url: str | None = None, write_token: str | None = None) -> tuple[str, str | None]:
-    """The model server's URL and write token: given, else CKL_SERVER_URL / CKL_WRITE_TOKEN, else the URL
-    `ckl serve` wrote into `.ckl/server.json`."""
-    url = url or os.environ.get(SERVER_URL_ENV) or read_server_file(state_dir())["url"]
-    return url, write_token or os.environ.get(WRITE_TOKEN_ENV)
 
 
 @dataclass(frozen=True)
@@ -96,7 +46,7 @@ class BatchReport:
     injection_ms: float
     memory_version: int | None
     snapshot_id: str | None
-    offsets: dict[int, int]
+    next_offsets: dict[int, int]  # partition -> the offset committed after the batch
     seconds: float
     excluded: int = 0
     probe_ms: float = 0.0
@@ -180,7 +130,7 @@ def process_batch(source: DocumentSource, client: ModelServerClient, settings: I
         injection_ms=result.injection_ms if result else 0.0,
         memory_version=result.memory_version if result else None,
         snapshot_id=result.checkpoint if result else None,
-        offsets=dict(batch.offsets),
+        next_offsets=dict(batch.next_offsets),
         seconds=time.perf_counter() - started,
         excluded=len(result.excluded) if result else 0,
         probe_ms=probe.elapsed_ms if probe else 0.0,
@@ -213,17 +163,10 @@ def batches_until_drained(settings: IngestSettings) -> Iterator[BatchReport]:
 
 
 def _inject_payload(batch: Batch) -> list[dict]:
+    """The batch's documents as the server's inject documents: each with its Kafka position."""
     return [
-        {
-            "doc_id": sourced.document.doc_id,
-            "text": sourced.document.text,
-            "source": sourced.document.source,
-            "published_at": sourced.document.published_at,
-            "topic": sourced.topic,
-            "partition": sourced.partition,
-            "offset": sourced.offset,
-            "probes": [{"question": p.question, "answer": p.answer} for p in sourced.document.probes] or None,
-        }
+        sourced.document.model_dump(mode="json")
+        | {"topic": sourced.topic, "partition": sourced.partition, "offset": sourced.offset}
         for sourced in batch.documents
     ]
 
@@ -261,7 +204,8 @@ def _log_to_mlflow(settings: IngestSettings, batch: Batch, report: BatchReport,
         "memory_version": str(result.memory_version), "bank_version": str(result.bank_version),
         "checkpoint": report.snapshot_id or "", "pool_sha256": result.pool_sha256,
     }
-    tags |= {f"offset.{partition}": str(offset) for partition, offset in sorted(batch.offsets.items())}
+    tags |= {f"next_offset.{partition}": str(offset)
+             for partition, offset in sorted(batch.next_offsets.items())}
     tracker.log_batch(lineage_run, result.memory_version, metrics, tags)
     if report.snapshot_id:  # a checkpoint: keep the retention curve by age as it stands
         from monitoring.report import save_retention_by_age

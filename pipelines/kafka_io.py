@@ -10,10 +10,10 @@ import time
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 
+from pipelines.settings import DLQ_TOPIC, DOCS_TOPIC
+
 log = logging.getLogger(__name__)
 
-DOCS_TOPIC = "ckl.docs"
-DLQ_TOPIC = "ckl.docs.dlq"
 # name -> partition count used when the project creates the topic
 DOCUMENT_TOPICS: dict[str, int] = {DOCS_TOPIC: 3, DLQ_TOPIC: 1}
 # The broker's default largest message (message.max.bytes) plus room for the dead-letter headers: whatever

@@ -6,10 +6,8 @@ racing a batch or a snapshot being written). Pruning first lets compaction drop 
 entry the oldest kept checkpoint covers.
 """
 
-from pipelines.ingest import resolve_server
+from pipelines.settings import DEFAULT_KEEP_LAST, resolve_server
 from serving.client import ModelServerClient
-
-DEFAULT_KEEP_LAST = 10
 
 
 def prune_snapshots(

@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass, field
 from kafka import TopicPartition
 
 from monitoring.tracking import tracker_for
-from pipelines.ingest import IngestSettings, batches_until_drained, open_client
+from pipelines.ingest import batches_until_drained, open_client
 from pipelines.kafka_io import move_group_offsets
+from pipelines.settings import IngestSettings
 from serving.client import ModelServerClient
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ class RollbackOutcome:
     checkpoint: str | None
     replayed: int = 0  # documents applied again (replay)
     dead_lettered: int = 0  # excluded documents sent to the DLQ during the replay
-    offsets: dict[str, int] = field(default_factory=dict)  # "topic/partition" -> offset the replay starts at
+    # "topic/partition" -> the offset the replay starts at
+    replay_from: dict[str, int] = field(default_factory=dict)
 
     @property
     def identical(self) -> bool | None:
@@ -88,7 +90,7 @@ def rollback(settings: IngestSettings, target: str, mode: str = "replay",
     if tracker is not None and outcome.from_lineage != outcome.to_lineage:
         _switch_lineage(tracker, outcome)  # before the replay, whose batches log to the new lineage
     if mode == "replay" and result.replay_from:
-        outcome.offsets = dict(result.replay_from)
+        outcome.replay_from = dict(result.replay_from)
         starts = {_topic_partition(key): offset for key, offset in result.replay_from.items()}
         move_group_offsets(settings.bootstrap, settings.group, starts)
         for topic in sorted({tp.topic for tp in starts}):

@@ -30,19 +30,18 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import MessageSizeTooLargeError, RecordListTooLargeError
 from kafka.structs import OffsetAndMetadata
 
+from documents.model import DEFAULT_MAX_TEXT_CHARS, Document
+from documents.parse import InvalidDocument, parse_document
 from pipelines.kafka_io import (
     DLQ_MAX_MESSAGE_BYTES,
-    DLQ_TOPIC,
-    DOCS_TOPIC,
     DOCUMENT_TOPICS,
     ensure_topics,
     make_producer,
 )
-from pipelines.schema import DEFAULT_MAX_TEXT_CHARS, Document, InvalidDocument, parse_document
+from pipelines.settings import DEFAULT_GROUP, DLQ_TOPIC, DOCS_TOPIC
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GROUP = "ckl-ingest"
 # headers of a dead-letter record (values are UTF-8 text)
 DLQ_REASON, DLQ_FIELD = "ckl.dlq.reason", "ckl.dlq.field"
 DLQ_SOURCE_TOPIC, DLQ_SOURCE_PARTITION, DLQ_SOURCE_OFFSET = (
@@ -74,7 +73,7 @@ class Batch:
     topic: str
     documents: tuple[SourcedDocument, ...]
     dead_lettered: int
-    offsets: dict[int, int] = field(default_factory=dict)  # partition -> next offset to read
+    next_offsets: dict[int, int] = field(default_factory=dict)  # partition -> next offset to read (to commit)
 
     @property
     def size(self) -> int:
@@ -207,7 +206,7 @@ class DocumentSource:
         """
         assigned = self._consumer.assignment()
         offsets = {TopicPartition(batch.topic, partition): OffsetAndMetadata(offset, "", -1)
-                   for partition, offset in batch.offsets.items()}
+                   for partition, offset in batch.next_offsets.items()}
         lost = [tp.partition for tp in offsets if tp not in assigned]
         if lost:
             log.warning("partitions %s were reassigned before the commit; they will be redelivered", lost)

@@ -111,8 +111,8 @@ class ModelRunner:
         return self.model.memory.detach(), bool(self.model.initialized)
 
     def pool_sha256(self) -> str:
-        """SHA-256 of the live pool's bytes (computed once per memory version)."""
-        version = self.model.memory_version
+        """SHA-256 of the live pool's bytes (computed once per pool generation)."""
+        version = self.model.pool_generation
         if self._digest is None or self._digest[0] != version:
             pool = self.model.memory.detach().contiguous().cpu()
             digest = hashlib.sha256(pool.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
@@ -121,7 +121,7 @@ class ModelRunner:
 
     def publish(self, pool: torch.Tensor, num_injections: int) -> None:
         """Make `pool` the live memory (after `num_injections` injections in all)."""
-        state = MemoryState(pool, self.model.memory_version, num_injections, initialized=True)
+        state = MemoryState(pool, self.model.pool_generation, num_injections, initialized=True)
         self.model.set_memory_state(state)
 
     @property

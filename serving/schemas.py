@@ -7,39 +7,20 @@ The server's limits (question length, batch size, text size, max_new_tokens) are
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from documents.model import MAX_DOC_ID_CHARS, Document
 
 # Kafka's partition and offset types (int32, int64), which the memory bank stores them as
 INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
-# Field limits of a document, shared with the Kafka message (pipelines.schema imports them): whatever the
-# topic accepts, the server accepts, so a valid message can never fail its batch at the server
-MAX_DOC_ID_CHARS, MAX_SOURCE_CHARS = 512, 256
-MAX_PROBES, MAX_PROBE_CHARS = 100, 2_000  # probes per document; characters of a question or an answer
 MAX_TOPIC_CHARS = 249  # Kafka's own limit on topic names
 MAX_EXCLUDED = 10_000  # doc_ids one rollback may exclude
-
-
-def _not_blank(value: str) -> str:
-    if not value.strip():
-        raise ValueError("must contain non-whitespace text")
-    return value
-
-
-def _iso_timestamp(value: str) -> str:
-    try:
-        datetime.fromisoformat(value)
-    except ValueError:
-        raise ValueError("must be an ISO-8601 date or date-time") from None
-    return value
 
 
 def _whole_number(value: object) -> object:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-# the same rules as the Kafka document message (pipelines.schema)
-Text = Annotated[str, Field(min_length=1), AfterValidator(_not_blank)]
-Timestamp = Annotated[str, AfterValidator(_iso_timestamp)]
 # a JSON integer: 3 or 3.0 (JSON Schema's "integer"), never true or "3", even in strict models
 Integer = Annotated[int, BeforeValidator(_whole_number)]
 
@@ -66,23 +47,14 @@ class QueryResponse(BaseModel):
     retrieved: list[str] = Field([], description="doc_ids of the bank entries put in front of the question.")
 
 
-class Probe(RequestBody):
-    question: Text = Field(max_length=MAX_PROBE_CHARS)
-    answer: Text = Field(max_length=MAX_PROBE_CHARS)
+class InjectDocument(Document):
+    """A document, with the fields and rules of the Kafka document message, and the Kafka position it was
+    consumed from."""
 
-
-class InjectDocument(RequestBody):
-    doc_id: Text = Field(max_length=MAX_DOC_ID_CHARS,
-                         description="Unique id; a doc_id already applied is skipped.")
-    text: Text = Field(description="The document text; injected as consecutive contexts.")
-    source: str | None = Field(None, max_length=MAX_SOURCE_CHARS)
-    published_at: Timestamp | None = Field(None, description="ISO-8601 date or date-time.")
     topic: str = Field(min_length=1, max_length=MAX_TOPIC_CHARS,
                        description="Kafka topic the document was consumed from.")
     partition: Integer = Field(ge=0, le=INT32_MAX, description="Kafka partition.")
     offset: Integer = Field(ge=0, le=INT64_MAX, description="Kafka offset of the document's message.")
-    probes: list[Probe] | None = Field(None, max_length=MAX_PROBES,
-                                       description="Questions the document answers (kept in the bank).")
 
 
 class InjectRequest(RequestBody):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from compression.retrieval import RetrievalSettings
 from compression.slots import SlotFormat
+from documents.model import DEFAULT_MAX_TEXT_CHARS
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "model" / "default"  # the committed default model
 WRITE_TOKEN_ENV = "CKL_WRITE_TOKEN"
 READ_TOKEN_ENV = "CKL_READ_TOKEN"
 
@@ -38,7 +38,7 @@ class ServerSettings:
     max_new_tokens: int = 256
     max_batch_documents: int = 512
     max_body_bytes: int = 64 * 2**20  # any request body; a full batch of long texts fits
-    max_text_chars: int = 200_000
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS  # the Kafka topic's default limit too
     query_concurrency: int = 1  # queries handed to the model at once (the rest wait without a thread)
     retrieval: RetrievalSettings = RetrievalSettings()
     slot_format: SlotFormat = SlotFormat()

@@ -164,11 +164,6 @@ def valid_snapshots(root: Path) -> Iterator[SnapshotContents]:
             log.error("refusing corrupt snapshot %s: %s; falling back to the previous one", info.path, error)
 
 
-def latest_valid(root: Path) -> SnapshotContents | None:
-    """The newest snapshot that verifies, or None if there is none."""
-    return next(valid_snapshots(root), None)
-
-
 def prune(root: Path, keep_last: int) -> list[Path]:
     """Delete snapshots older than the newest `keep_last` valid ones, and stale temporary directories.
 

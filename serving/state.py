@@ -39,6 +39,7 @@ from compression.replay import replay
 from compression.retrieval import RetrievalSettings, Retrieved, Retriever
 from compression.slots import SlotFormat
 from model import MemoryStateError
+from model.contexts import split_contexts
 from model.prompts import extract_answer, format_question
 from monitoring.probes import HELDOUT_TEXT, ProbeBudget, ProbeCosts, ProbeReport, run_probes, sample_probes
 from runtime.faults import crash_point
@@ -156,8 +157,7 @@ class LiveState:
 
     def contexts(self, text: str) -> list[list[int]]:
         """A text's tokens in consecutive contexts of at most `context_tokens` tokens."""
-        ids = self.runner.encode(text)
-        return [ids[start : start + self.context_tokens] for start in range(0, len(ids), self.context_tokens)]
+        return split_contexts(self.runner.encode(text), self.context_tokens)
 
     def apply(self, documents: Sequence[InjectDocument]) -> BatchResult:
         """Inject the documents not applied yet, in order; append their bank entries (the batch is durable

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.airflow_env import airflow_environment, migrate
-from pipelines.services import KafkaBroker, LocalServices, MlflowServer
+from localservices.airflow import airflow_environment, migrate
+from localservices.kafka import KafkaBroker
+from localservices.mlflow import MlflowServer
+from localservices.stack import LocalServices
 
 TEST_DAGS = Path(__file__).resolve().parent / "airflow_dags"
 _AIRFLOW_HOME = pytest.StashKey[Path]()

@@ -2,7 +2,7 @@
 
 import importlib.util
 
-from pipelines.airflow_env import REPO_DAGS
+from localservices.airflow import REPO_DAGS
 
 
 def load_dag(name: str):

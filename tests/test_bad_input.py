@@ -1,4 +1,4 @@
-"""Property-based tests of the document message (pipelines.schema) with hypothesis: whatever bytes arrive,
+"""Property-based tests of the document message (documents.parse) with hypothesis: whatever bytes arrive,
 `parse_document` returns a valid Document or raises InvalidDocument naming the field and the reason
 (what ingestion dead-letters), never anything else. See docs/bad_input.md."""
 
@@ -10,7 +10,8 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from pipelines.schema import FIELDS, WHOLE_MESSAGE, Document, InvalidDocument, Probe, parse_document
+from documents.model import Document, Probe
+from documents.parse import FIELDS, WHOLE_MESSAGE, InvalidDocument, parse_document
 
 LIMIT = 64  # max_text_chars of these tests: small, so over-long texts are cheap to generate
 BOUNDED = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -165,7 +166,7 @@ def test_valid_documents_round_trip_through_to_json(doc):
 def test_null_optionals_count_as_absent(doc):
     nulls = {"source": None, "published_at": None, "probes": None}
     assert parse_document(encode({"doc_id": doc.doc_id, "text": doc.text, **nulls}), LIMIT) == \
-        Document(doc.doc_id, doc.text)
+        Document(doc_id=doc.doc_id, text=doc.text)
 
 
 # ------------------------------------------------------------------------ each broken rule names its field

@@ -7,9 +7,10 @@ import re
 
 import pytest
 
-from pipelines import bios, data_cli
-from pipelines.filler import filler_documents
-from pipelines.schema import parse_document
+from cli import data as data_cli
+from documents.parse import parse_document
+from synthetic import bios
+from synthetic.filler import filler_documents
 
 
 def _words(texts: list[str]) -> set[str]:

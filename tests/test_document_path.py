@@ -104,7 +104,7 @@ def test_each_invalid_message_goes_to_the_dlq_while_the_valid_ones_of_its_batch_
     valid_ids = sorted(d.document.doc_id for d in batch.documents)
     assert valid_ids == sorted(f"ok-{i}" for i in range(len(BAD_MESSAGES)))
     assert batch.dead_lettered == len(BAD_MESSAGES)
-    assert batch.offsets == {0: 2 * len(BAD_MESSAGES[0::2]), 1: 2 * len(BAD_MESSAGES[1::2])}
+    assert batch.next_offsets == {0: 2 * len(BAD_MESSAGES[0::2]), 1: 2 * len(BAD_MESSAGES[1::2])}
     records = read_topic(kafka.bootstrap, dlq, len(BAD_MESSAGES))
     assert len(records) == len(BAD_MESSAGES)
     for record in records:
@@ -251,7 +251,7 @@ def test_ckl_produce_publishes_every_line_as_is_keyed_by_doc_id(kafka, topic_nam
     (state / "services.json").write_text(json.dumps({"kafka_bootstrap": kafka.bootstrap}))
 
     result = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "produce", topic_name, str(jsonl), "--partitions", "2"],
+        [sys.executable, "-m", "cli", "produce", topic_name, str(jsonl), "--partitions", "2"],
         capture_output=True, text=True, env={**os.environ, "CKL_HOME": str(state)}, timeout=120,
     )
 

@@ -12,9 +12,10 @@ import torch
 from test_model import CONTEXT, QUERY, SHORT_CONTEXT, injected_model, tiny_model
 
 from model import MemoryLLM
-from model.distributed import free_port, prepare_distributed_env
+from model.distributed import prepare_distributed_env
 from model.engine import EngineConfig, HostedMemoryLLM, load_engine
 from runtime.paths import cache_dir
+from runtime.supervisor import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DISTRIBUTED_ENV = (

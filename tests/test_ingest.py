@@ -14,9 +14,9 @@ from dead_letters import dead_letters
 from repo_dags import load_dag
 from tiny_checkpoint import make_tiny_checkpoint
 
-from monitoring.tracking import experiment_name
-from pipelines.ingest import BOOTSTRAP_ENV, MLFLOW_URI_ENV, SERVER_URL_ENV
+from monitoring.tracking import MLFLOW_URI_ENV, experiment_name
 from pipelines.kafka_io import DLQ_TOPIC, consumer_lag, ensure_topics, make_producer
+from pipelines.settings import BOOTSTRAP_ENV, SERVER_URL_ENV
 from runtime.faults import CRASH_ENV
 from serving.client import ModelServerClient
 from serving.process import ServerProcess, ckl_command
@@ -146,10 +146,12 @@ def test_ingest_until_drained_applies_valid_docs_dead_letters_bad_ones_and_logs_
     assert sum(run.data.metrics["documents"] for run in runs) == len(doc_ids)
     assert sum(run.data.metrics["dlq"] for run in runs) == 2
     assert sum(run.data.metrics["injections"] for run in runs) == DOCS
-    offset_tags = [{k: v for k, v in run.data.tags.items() if k.startswith("offset.")} for run in runs]
+    offset_tags = [{k: v for k, v in run.data.tags.items() if k.startswith("next_offset.")}
+                   for run in runs]
     assert all(offset_tags)
-    last_offsets = {k: max(int(tags.get(k, 0)) for tags in offset_tags) for k in ("offset.0", "offset.1")}
-    assert sum(last_offsets.values()) == 12  # the next offsets after every message of both partitions
+    next_offsets = {k: max(int(tags.get(k, 0)) for tags in offset_tags)
+                    for k in ("next_offset.0", "next_offset.1")}
+    assert sum(next_offsets.values()) == 12  # the next offsets after every message of both partitions
 
 
 @pytest.mark.parametrize("step", CRASH_STEPS)
@@ -183,7 +185,7 @@ def test_server_killed_mid_batch_then_restarted_from_checkpoint_and_bank_applies
         failed = ingest(kafka, mlflow_server, server, topic_name)
         assert failed.returncode not in (0, -9)
         assert "ServerUnreachable" in failed.stderr
-        assert server.process.wait(timeout=30) == -9  # the server died inside the batch
+        assert server.wait_exit(30) == -9  # the server died inside the batch
         assert consumer_lag(kafka.bootstrap, topic_name, topic_name) == DOCS
 
         server.env.pop(CRASH_ENV)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from compression.keys import BM25Index, DenseIndex, HybridIndex, make_index
-from pipelines import bios
-from pipelines.schema import parse_document
+from documents.parse import parse_document
+from synthetic import bios
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

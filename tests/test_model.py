@@ -47,7 +47,7 @@ def model_with_distinct_pool(**overrides) -> MemoryLLM:
     """An initialised model whose pool rows are all different, so each row can be traced."""
     model = tiny_model(**overrides)
     pool = torch.randn(2, N, 32, generator=torch.Generator().manual_seed(1))
-    model.set_memory_state(MemoryState(pool=pool, version=0, num_injections=0, initialized=True))
+    model.set_memory_state(MemoryState(pool=pool, generation=0, num_injections=0, initialized=True))
     return model
 
 
@@ -66,7 +66,7 @@ def test_pool_size_and_bookkeeping_after_each_injection():
             model.inject_memory(CONTEXT)
             state = model.memory_state()
             assert state.pool.shape == (2, N, 32)
-            assert (state.version, state.num_injections, state.initialized) == (count, count, True)
+            assert (state.generation, state.num_injections, state.initialized) == (count, count, True)
 
 
 def test_update_keeps_survivors_in_order_and_appends_new_tokens_at_the_end():
@@ -185,10 +185,10 @@ def test_memory_state_file_round_trip_restores_pool_and_moves_the_version_on(tmp
     with torch.no_grad():
         model.inject_memory(QUERY)
     loaded = model.load_memory_state(tmp_path / "state.safetensors")
-    assert len(digest) == 64 and loaded.version == saved.version
+    assert len(digest) == 64 and loaded.generation == saved.generation
     torch.testing.assert_close(model.memory.detach(), saved.pool, rtol=0, atol=0)
     assert model.num_injections == saved.num_injections == 2
-    assert model.memory_version == saved.version + 2  # one update, one load
+    assert model.pool_generation == saved.generation + 2  # one update, one load
 
 
 def test_memory_state_checksum_mismatch_is_refused(tmp_path):

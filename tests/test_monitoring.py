@@ -15,10 +15,10 @@ from dead_letters import dead_letters
 from kafka import KafkaConsumer, TopicPartition
 from repo_dags import load_dag
 
+from model import DEFAULT_CHECKPOINT
 from model.prompts import answers_match
-from monitoring.tracking import experiment_name
-from pipelines.bios import ATTRIBUTES, CITIES, bio_document, generate_people
-from pipelines.ingest import BOOTSTRAP_ENV, EXCLUDED_REASON, MLFLOW_URI_ENV, SERVER_URL_ENV
+from monitoring.tracking import MLFLOW_URI_ENV, experiment_name
+from pipelines.ingest import EXCLUDED_REASON
 from pipelines.kafka_io import (
     DLQ_TOPIC,
     GroupBusy,
@@ -28,9 +28,11 @@ from pipelines.kafka_io import (
     make_producer,
     move_group_offsets,
 )
+from pipelines.settings import BOOTSTRAP_ENV, SERVER_URL_ENV
 from serving.client import ModelServerClient
 from serving.process import ServerProcess, ckl_command
-from serving.settings import DEFAULT_CHECKPOINT, WRITE_TOKEN_ENV
+from serving.settings import WRITE_TOKEN_ENV
+from synthetic.bios import ATTRIBUTES, CITIES, bio_document, generate_people
 
 WRITE_TOKEN = "test-monitoring-token"
 PEOPLE = 12

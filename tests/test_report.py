@@ -16,10 +16,10 @@ import mlflow
 import pytest
 from repo_dags import load_dag
 
+from cli.main import main
 from monitoring.probes import BUCKETS, retention_metric
 from monitoring.report import check, load
 from monitoring.tracking import ALERT_TAG, MLFLOW_URI_ENV, Tracker, experiment_name
-from pipelines.cli import main
 
 DOCS_PER_BATCH = 32
 # mean exact match per age bucket (the oldest bucket stays empty: 18 batches of 32 never reach age 1001)
@@ -143,7 +143,7 @@ def test_ckl_report_check_exits_1_naming_the_bucket_and_tags_the_newest_lineage_
     client, out = mlflow.MlflowClient(mlflow_server.uri), tmp_path / "report.html"
     alert = expected_alert(populated["logged"]["b"])
 
-    with caplog.at_level(logging.WARNING, logger="pipelines.report_cli"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.report"):
         assert report(mlflow_server.uri, deployment, out, "--check", "--threshold", "0.8", *WINDOW) == 1
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed and "status: ALERT" in printed and alert in printed

@@ -3,8 +3,10 @@
 import json
 
 import pytest
+from pydantic import ValidationError
 
-from pipelines.schema import Document, InvalidDocument, Probe, parse_document
+from documents.model import Document, Probe
+from documents.parse import InvalidDocument, parse_document
 
 VALID = {
     "doc_id": "d-1",
@@ -34,7 +36,7 @@ def test_valid_document_parses_into_typed_fields():
         text="The Rhine flows into the North Sea.",
         source="atlas",
         published_at="2024-05-01T12:00:00Z",
-        probes=(Probe("Where does the Rhine flow?", "The North Sea"),),
+        probes=(Probe(question="Where does the Rhine flow?", answer="The North Sea"),),
     )
 
 
@@ -48,7 +50,7 @@ def test_only_doc_id_and_text_are_required_and_null_optionals_count_as_absent():
     [
         Document(doc_id="x", text="only required"),
         Document(doc_id="ü-1", text="naïve — 東京", source="s", published_at="2024-01-02",
-                 probes=(Probe("q1", "a1"), Probe("q2", "a2"))),
+                 probes=(Probe(question="q1", answer="a1"), Probe(question="q2", answer="a2"))),
     ],
 )
 def test_to_json_round_trips(doc):
@@ -57,7 +59,7 @@ def test_to_json_round_trips(doc):
 
 def test_document_is_immutable():
     doc = parse_document(encode(VALID))
-    with pytest.raises(AttributeError):
+    with pytest.raises(ValidationError, match="frozen"):
         doc.text = "changed"
 
 

@@ -14,8 +14,11 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import ConfigResource, NewTopic
 from kafka.errors import KafkaTimeoutError
 
+from localservices.kafka import ZooKeeper
+from localservices.stack import LocalServices
 from pipelines.kafka_io import DLQ_MAX_MESSAGE_BYTES, DLQ_TOPIC, DOCS_TOPIC, DOCUMENT_TOPICS
-from pipelines.services import LocalServices, ServiceError, ZooKeeper, load_services_info
+from runtime.addresses import load_services_info
+from runtime.supervisor import ServiceError
 
 CKL = Path(sys.executable).with_name("ckl")
 

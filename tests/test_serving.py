@@ -27,10 +27,10 @@ from serving.snapshots import (
     MEMORY_FILE,
     TEMP_PREFIX,
     CorruptSnapshot,
-    latest_valid,
     list_snapshots,
     prune,
     read_snapshot,
+    valid_snapshots,
     write_snapshot,
 )
 from serving.state import LiveState, NoValidSnapshot, open_bank
@@ -109,12 +109,12 @@ def test_damaged_snapshot_is_refused_naming_what_is_wrong(tmp_path, damage):
         read_snapshot(list_snapshots(tmp_path)[0])
 
 
-def test_latest_valid_skips_a_corrupt_newest_snapshot_with_a_logged_reason(tmp_path, caplog):
+def test_the_newest_valid_snapshot_skips_a_corrupt_newest_snapshot_with_a_logged_reason(tmp_path, caplog):
     snapshot_at(tmp_path, 1)
     newest = snapshot_at(tmp_path, 2)
     flip_byte(newest / MEMORY_FILE)
     with caplog.at_level(logging.ERROR, logger="serving.snapshots"):
-        restored = latest_valid(tmp_path)
+        restored = next(valid_snapshots(tmp_path), None)
     assert restored.info.memory_version == 1
     assert f"refusing corrupt snapshot {newest}" in caplog.text
 
@@ -144,7 +144,7 @@ def test_prune_keeps_the_newest_valid_snapshots_and_removes_stale_temporaries(tm
     assert sorted(removed) == sorted([paths[0], paths[1], stale])
     assert [info.memory_version for info in list_snapshots(tmp_path)] == [5, 4, 3]
     assert fresh.exists()
-    assert latest_valid(tmp_path).info.memory_version == 4
+    assert next(valid_snapshots(tmp_path), None).info.memory_version == 4
 
 
 # -------------------------------------------------------------------------------------------- turn-taking
@@ -573,10 +573,10 @@ def test_without_write_token_writes_are_refused_and_a_read_token_guards_reads(ch
 
 
 def test_stop_running_server_shuts_down_the_server_its_state_dir_names(checkpoint, tmp_path):
-    server = start_server(checkpoint, tmp_path / "state", detach=True)
+    server = start_server(checkpoint, tmp_path / "state")
     try:
         assert stop_running_server(server.state)  # what `ckl serve --stop` does
-        server.process.wait(timeout=30)
+        assert server.wait_gone(30)
         assert "Application shutdown complete" in server.log()
         assert not (server.state / "server.json").exists()
     finally:

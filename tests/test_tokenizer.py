@@ -6,8 +6,8 @@ import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from model.tokenizer import BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, load_tokenizer, save_tokenizer, train_tokenizer
-from pipelines.bios import bio_documents, generate_people
-from pipelines.filler import filler_documents
+from synthetic.bios import bio_documents, generate_people
+from synthetic.filler import filler_documents
 
 VOCAB_SIZE = 1024
 

@@ -23,7 +23,7 @@ FOREIGN_DOCS = Path(__file__).parent / "data" / "foreign_docs.jsonl"
 def ckl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run the ckl command line in a fresh process (DeepSpeed sets up its process group per process)."""
     env = {**os.environ, "CKL_CACHE": str(REPO_ROOT / ".cache")}  # reuse DeepSpeed's JIT-built ops
-    result = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, env=env,
+    result = subprocess.run([sys.executable, "-m", "cli", *args], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
@@ -58,7 +58,7 @@ def test_tiny_training_checkpoints_reloads_resumes_and_repeats_bit_for_bit(tmp_p
 
 
 def test_resume_refuses_a_directory_without_trainer_state(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "pipelines.cli", "train", "--preset", "tiny", "--out",
+    result = subprocess.run([sys.executable, "-m", "cli", "train", "--preset", "tiny", "--out",
                              str(tmp_path), "--resume"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and "trainer_state.pt" in result.stderr
 
@@ -91,6 +91,6 @@ def test_eval_retention_takes_foreign_documents_with_probes(tmp_path):
 
 @pytest.mark.parametrize("later", ["-1", "a,b", ""])
 def test_eval_retention_rejects_bad_later_lists(later, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "pipelines.cli", "eval", "retention", "--later", later],
+    result = subprocess.run([sys.executable, "-m", "cli", "eval", "retention", "--later", later],
                             cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 2

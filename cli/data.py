@@ -5,7 +5,7 @@
 - DIR/heldout.jsonl: biographies of held-out people, whose first and last names never occur in training;
 - DIR/filler_train.jsonl, DIR/filler_heldout.jsonl: plain language-modelling text (source "filler");
 - DIR/manifest.json: counts, seed, pool sizes and each file's SHA-256.
-All documents follow the DESIGN.md message format, so they can be published with `ckl produce`.
+All documents follow the message format of docs/design.md, so they can be published with `ckl produce`.
 """
 
 import argparse
@@ -17,8 +17,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipelines import bios, filler
-from pipelines.schema import Document
+from documents.model import Document
+from synthetic import bios, filler
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from serving.settings import DEFAULT_CHECKPOINT
+from model import DEFAULT_CHECKPOINT
 
 DEFAULT_PORT = 8400
 DTYPES = ("auto", "float32", "bfloat16", "float16")

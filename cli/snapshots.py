@@ -9,7 +9,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.ingest import resolve_server
+    from pipelines.settings import resolve_server
     from serving.client import ModelServerClient
 
     url, token = resolve_server(args.server)

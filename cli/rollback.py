@@ -21,9 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.ingest import IngestSettings
     from pipelines.kafka_io import GroupBusy
     from pipelines.rollback import rollback
+    from pipelines.settings import IngestSettings
     from serving.client import ServerError
 
     settings = IngestSettings.resolve(bootstrap=args.bootstrap, server_url=args.server,
@@ -49,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
         verdict = "byte-identical" if outcome.identical else "DIFFERENT"
         print(f"  pool sha256 recorded at version {outcome.to_version}: {outcome.recorded_sha256} "
               f"({verdict})")
-    if outcome.offsets:
-        starts = ", ".join(f"{where}@{offset}" for where, offset in sorted(outcome.offsets.items()))
+    if outcome.replay_from:
+        starts = ", ".join(f"{where}@{offset}" for where, offset in sorted(outcome.replay_from.items()))
         print(f"  replayed from {starts}: {outcome.replayed} documents applied again, "
               f"{outcome.dead_lettered} excluded and dead-lettered")
     print(f"  checkpoint: {outcome.checkpoint or '-'}")

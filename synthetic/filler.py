@@ -12,7 +12,7 @@ import re
 import string
 from collections.abc import Iterator
 
-from pipelines.schema import Document
+from documents.model import Document
 
 SOURCE = "filler"
 
@@ -148,7 +148,7 @@ def filler_paragraph(rng: random.Random, min_sentences: int = 4, max_sentences: 
 
 
 def filler_document(rng: random.Random, doc_id: str) -> Document:
-    """A filler paragraph as a document (DESIGN.md format, source "filler", no probes)."""
+    """A filler paragraph as a document (docs/design.md format, source "filler", no probes)."""
     return Document(doc_id=doc_id, text=filler_paragraph(rng), source=SOURCE)
 
 

@@ -2,6 +2,8 @@
 
 import argparse
 
+from pipelines import settings
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--until-drained", action="store_true",
@@ -9,21 +11,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", metavar="URL", help="model server URL (default: from .ckl/server.json)")
     parser.add_argument("--bootstrap", metavar="HOST:PORT", help="Kafka (default: from .ckl/services.json)")
     parser.add_argument("--mlflow-uri", metavar="URI", help="MLflow URI (default: from .ckl/services.json)")
-    parser.add_argument("--topic", default=None, help="topic to consume (default: ckl.docs)")
-    parser.add_argument("--group", default=None, help="consumer group (default: ckl-ingest)")
-    parser.add_argument("--batch-size", type=int, default=32, help="messages per batch (default: 32)")
-    parser.add_argument("--poll-timeout", type=float, default=10.0,
-                        help="seconds a poll waits for the first message; an empty poll ends --until-drained")
-    parser.add_argument("--probe-questions", type=int, default=10,
-                        help="retention probe questions after each batch, 0 for none (default: 10)")
-    parser.add_argument("--probe-share", type=float, default=0.25,
-                        help="probing's time budget as a share of batch time (default: 0.25)")
+    parser.add_argument("--topic", default=settings.DOCS_TOPIC,
+                        help="topic to consume (default: %(default)s)")
+    parser.add_argument("--group", default=settings.DEFAULT_GROUP,
+                        help="consumer group (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=settings.DEFAULT_BATCH_SIZE,
+                        help="messages per batch (default: %(default)s)")
+    parser.add_argument("--poll-timeout", type=float, default=settings.DEFAULT_POLL_TIMEOUT_S,
+                        help="seconds a poll waits for the first message; an empty poll ends --until-drained "
+                             "(default: %(default)s)")
+    parser.add_argument("--probe-questions", type=int, default=settings.DEFAULT_PROBE_QUESTIONS,
+                        help="retention probe questions after each batch, 0 for none (default: %(default)s)")
+    parser.add_argument("--probe-share", type=float, default=settings.DEFAULT_PROBE_SHARE,
+                        help="probing's time budget as a share of batch time (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from pipelines.ingest import IngestSettings, batches_until_drained, run_one_batch
+    from pipelines.ingest import batches_until_drained, run_one_batch
+    from pipelines.settings import IngestSettings
 
     settings = IngestSettings.resolve(
         bootstrap=args.bootstrap, server_url=args.server, mlflow_uri=args.mlflow_uri, topic=args.topic,

@@ -24,8 +24,8 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from pipelines.filler import lexicon as filler_lexicon
-from pipelines.schema import Document, Probe
+from documents.model import Document, Probe
+from synthetic.filler import lexicon as filler_lexicon
 
 SOURCE = "bios"
 SPLITS = ("train", "heldout")
@@ -251,7 +251,7 @@ def probes(person: Person) -> tuple[Probe, ...]:
 
 
 def bio_document(person: Person, rng: random.Random, doc_id: str) -> Document:
-    """The person's biography as a document (DESIGN.md format, source "bios") carrying its probes."""
+    """The person's biography as a document (docs/design.md format, source "bios") carrying its probes."""
     return Document(doc_id=doc_id, text=biography(person, rng), source=SOURCE, probes=probes(person))
 
 

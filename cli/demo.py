@@ -12,22 +12,23 @@ import argparse
 import json
 import random
 import secrets
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+from localservices.airflow import airflow_environment, migrate, run_dag
+from localservices.stack import LocalServices
+from model import DEFAULT_CHECKPOINT
 from monitoring.tracking import experiment_name
-from pipelines.airflow_env import airflow_environment, migrate, run_dag
-from pipelines.bios import bio_document, generate_people
-from pipelines.ingest import SERVER_URL_ENV
-from pipelines.kafka_io import DLQ_TOPIC, DOCS_TOPIC, consumer_lag, topic_size
-from pipelines.report_cli import publish
-from pipelines.services import LocalServices
-from pipelines.source import DEFAULT_GROUP
+from pipelines.kafka_io import consumer_lag, topic_size
+from pipelines.report import publish
+from pipelines.settings import DEFAULT_GROUP, DLQ_TOPIC, DOCS_TOPIC, SERVER_URL_ENV
 from runtime.paths import state_dir
 from serving.client import ModelServerClient
-from serving.process import DEFAULT_CHECKPOINT, ServerProcess, stop_running_server
+from serving.process import ServerProcess, ckl_command, stop_running_server
 from serving.settings import WRITE_TOKEN_ENV
+from synthetic.bios import bio_document, generate_people
 
 BAD_MESSAGES = (
     b"this is not json",
@@ -107,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     token_file.touch(mode=0o600)
     token_file.write_text(token + "\n")
     stop_running_server(state)
-    server = ServerProcess(args.model, state, write_token=token, detach=True).start()
-    print(f"  serving at {server.url} (pid {server.process.pid}, log {server.log_path})")
+    server = ServerProcess(args.model, state, write_token=token).start()
+    print(f"  serving at {server.url} (pid {server.pid}, log {server.log_path})")
     with ModelServerClient(server.url) as client:
         earlier = client.memory()
     if earlier.documents_applied:
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     stream = state / "demo" / f"stream-{seed:x}.jsonl"
     documents = write_stream(stream, args.people, seed)
     bootstrap = info["kafka_bootstrap"]
-    produce = ServerProcess.run_ckl(["produce", DOCS_TOPIC, str(stream), "--bootstrap", bootstrap])
+    produce = subprocess.run([ckl_command(), "produce", DOCS_TOPIC, str(stream), "--bootstrap", bootstrap],
+                             capture_output=True, text=True, check=True)
     print("  " + produce.stdout.strip().splitlines()[-1])
 
     step(4, total, "Running the ckl_ingest DAG (one batch per run) until the topic is drained")

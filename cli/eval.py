@@ -1,7 +1,7 @@
 """`ckl eval retention`: how well a MemoryLLM recalls injected documents, fresh and after later injections.
 
 Without --docs the probed documents are biographies of held-out people (names never seen in training,
-pipelines/bios.py); with --docs they are the documents of a JSONL file in the DESIGN.md format (those
+synthetic/bios.py); with --docs they are the documents of a JSONL file in the docs/design.md format (those
 with probes are asked; the file's other documents are injected too, in file order). Either way the later
 injections after the probed documents are further held-out biographies. See monitoring/retention.py for
 the protocol. Prints a table; writes JSON and a PNG plot on request.
@@ -17,9 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipelines import bios, filler
-
-DEFAULT_MODEL = Path("model/default")
+from model import DEFAULT_CHECKPOINT
+from synthetic import bios, filler
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "retention", help="exact-match recall right after injection and after n later injections",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+    sub.add_argument("--model", type=Path, default=DEFAULT_CHECKPOINT,
                      help="checkpoint directory (default model/default)")
     sub.add_argument("--docs", type=Path, default=None,
                      help="JSONL documents with probes (default: held-out people)")
@@ -56,11 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from documents.parse import InvalidDocument, parse_document
     from model import MemoryLLM
     from model.distributed import resolve_device
     from model.tokenizer import load_tokenizer
     from monitoring.retention import ProbedText, format_table, measure_retention, plot_curve
-    from pipelines.schema import InvalidDocument, parse_document
 
     try:
         tokenizer = load_tokenizer(args.model)

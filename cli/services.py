@@ -14,7 +14,8 @@ import json
 import time
 from dataclasses import asdict
 
-from pipelines.services import DEFAULT_READY_TIMEOUT_S, LocalServices, ServiceError, ServiceStatus
+from localservices.stack import LocalServices
+from runtime.supervisor import DEFAULT_READY_TIMEOUT_S, ServiceError, ServiceStatus
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

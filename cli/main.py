@@ -11,17 +11,17 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "services": ("pipelines.services_cli", "start, stop or inspect the local Kafka broker and MLflow server"),
-    "produce": ("pipelines.produce", "publish documents from a JSONL file to a Kafka topic"),
-    "data": ("pipelines.data_cli", "generate data: `ckl data bios` (biographies with probes, filler text)"),
-    "ingest": ("pipelines.ingest_cli", "consume documents from Kafka into the model server's memory"),
-    "train": ("pipelines.train_cli", "train a MemoryLLM with DeepSpeed (`--preset default`: model/default)"),
-    "eval": ("pipelines.eval_cli", "evaluate a model: `ckl eval retention` (recall after later injections)"),
-    "bank": ("pipelines.bank_cli", "inspect the memory bank: `ckl bank ls|show|stats`"),
-    "report": ("pipelines.report_cli", "the retention dashboard (HTML); `--check` alerts on low retention"),
-    "snapshots": ("pipelines.snapshots_cli", "list the server's pool checkpoints: `ckl snapshots list`"),
-    "rollback": ("pipelines.rollback_cli", "take the memory back: `ckl rollback VERSION --replay|--skip`"),
-    "serve": ("serving.cli", "run the model server: queries, memory injection and snapshots over HTTP"),
+    "services": ("cli.services", "start, stop or inspect the local Kafka broker and MLflow server"),
+    "produce": ("cli.produce", "publish documents from a JSONL file to a Kafka topic"),
+    "data": ("cli.data", "generate data: `ckl data bios` (biographies with probes, filler text)"),
+    "ingest": ("cli.ingest", "consume documents from Kafka into the model server's memory"),
+    "train": ("cli.train", "train a MemoryLLM with DeepSpeed (`--preset default`: model/default)"),
+    "eval": ("cli.eval", "evaluate a model: `ckl eval retention` (recall after later injections)"),
+    "bank": ("cli.bank", "inspect the memory bank: `ckl bank ls|show|stats`"),
+    "report": ("cli.report", "the retention dashboard (HTML); `--check` alerts on low retention"),
+    "snapshots": ("cli.snapshots", "list the server's pool checkpoints: `ckl snapshots list`"),
+    "rollback": ("cli.rollback", "take the memory back: `ckl rollback VERSION --replay|--skip`"),
+    "serve": ("cli.serve", "run the model server: queries, memory injection and snapshots over HTTP"),
 }
 
 
@@ -48,6 +48,3 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(command).parse_args(argv)
     return importlib.import_module(args._module).run(args)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,8 +14,8 @@ earlier episodes whose tokens sit further back in its pool, and models a filler 
 per episode grows with a curriculum.
 
 The recipe is data-agnostic: a `Corpus` gives documents with their question/answer pairs and filler
-texts (pipelines/train_cli.py builds one from `ckl data bios`). Runs go through `deepspeed.initialize`
-with the ZeRO stage of a JSON config; device and dtype come from the TrainConfig.
+texts (training/corpus.py builds the default one from the synthetic biographies). Runs go through
+`deepspeed.initialize` with the ZeRO stage of a JSON config; device and dtype come from the TrainConfig.
 """
 
 import dataclasses
@@ -494,7 +494,8 @@ def make_trainer(config: TrainConfig, corpus: Corpus, out_dir: Path, resume: boo
 def train(trainer: Trainer, out_dir: Path, steps: int | None = None,
           log_metrics: Callable[[int, dict], None] | None = None) -> dict[str, float]:
     """Run up to `steps` steps (default: to the end of the recipe), checkpointing into out_dir every
-    `checkpoint_every` steps and at the end; returns the last step's metrics."""
+    `checkpoint_every` steps and at the end; returns the metrics smoothed over the run (an exponential
+    moving average, weight 0.05 per step), as the progress bar shows them."""
     config = trainer.config
     end = config.total_steps if steps is None else min(config.total_steps, trainer.step + steps)
     metrics: dict[str, float] = {}

@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from kafka.errors import KafkaError
 
-    from pipelines.services import ServiceError, load_services_info
+    from runtime.addresses import load_services_info
+    from runtime.supervisor import ServiceError
 
     try:
         bootstrap = args.bootstrap or load_services_info()["kafka_bootstrap"]

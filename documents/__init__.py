@@ -1,0 +1,1 @@
+"""The document: one pydantic model for the Kafka message, the synthetic generators and the model server."""

@@ -1,0 +1,1 @@
+"""Synthetic document streams: biographies with probe questions (bios.py) and filler text (filler.py)."""

@@ -1,0 +1,1 @@
+"""How the default model is trained: the recipe (recipe.py, DeepSpeed) and its corpus (corpus.py)."""
