@@ -274,15 +274,19 @@ def test_an_integer_too_long_for_python_is_rejected_as_a_whole():
 
 
 
-@pytest.mark.parametrize(("extra", "field", "reason"), [
-    ({"doc_id": "d" * 513}, "doc_id", "513 characters, over the limit of 512"),
-    ({"source": "s" * 257}, "source", "257 characters, over the limit of 256"),
-    ({"probes": [{"question": "q?", "answer": "a"}] * 101}, "probes", "101 probes, over the limit of 100"),
-    ({"probes": [{"question": "q?", "answer": "a" * 2001}]}, "probes[0].answer",
+@pytest.mark.parametrize(("over", "at_the_limit", "field", "reason"), [
+    ({"doc_id": "d" * 513}, {"doc_id": "d" * 512}, "doc_id", "513 characters, over the limit of 512"),
+    ({"source": "s" * 257}, {"source": "s" * 256}, "source", "257 characters, over the limit of 256"),
+    ({"probes": [{"question": "q?", "answer": "a"}] * 101},
+     {"probes": [{"question": "q?", "answer": "a"}] * 100}, "probes", "101 probes, over the limit of 100"),
+    ({"probes": [{"question": "q?", "answer": "a" * 2001}]},
+     {"probes": [{"question": "q?", "answer": "a" * 2000}]}, "probes[0].answer",
      "2001 characters, over the limit of 2000"),
 ])
-def test_fields_over_the_servers_limits_are_rejected_on_the_topic_already(extra, field, reason):
-    """The model server's field limits hold on the topic too, so no valid message can fail its batch."""
-    assert_rejected(encode({"doc_id": "d", "text": "t", **extra}), field, reason)
-    at_the_limit = {key: value[:-1] for key, value in extra.items()}  # one character or item less: accepted
-    assert_valid(parse_document(encode({"doc_id": "d", "text": "t", **at_the_limit}), LIMIT))
+def test_fields_over_the_servers_limits_are_rejected_on_the_topic_already(over, at_the_limit, field, reason):
+    """The model server's field limits hold on the topic too, so no valid message can fail its batch; a
+    value exactly at the limit is accepted."""
+    assert_rejected(encode({"doc_id": "d", "text": "t", **over}), field, reason)
+    accepted = parse_document(encode({"doc_id": "d", "text": "t", **at_the_limit}), LIMIT)
+    assert_valid(accepted)
+    assert accepted.model_dump(mode="json", include=set(at_the_limit)) == at_the_limit

@@ -14,6 +14,7 @@ from dead_letters import dead_letters
 from repo_dags import load_dag
 from tiny_checkpoint import make_tiny_checkpoint
 
+from model.tokenizer import load_tokenizer
 from monitoring.tracking import MLFLOW_URI_ENV, experiment_name
 from pipelines.kafka_io import DLQ_TOPIC, consumer_lag, ensure_topics, make_producer
 from pipelines.settings import BOOTSTRAP_ENV, SERVER_URL_ENV
@@ -152,6 +153,38 @@ def test_ingest_until_drained_applies_valid_docs_dead_letters_bad_ones_and_logs_
     next_offsets = {k: max(int(tags.get(k, 0)) for tags in offset_tags)
                     for k in ("next_offset.0", "next_offset.1")}
     assert sum(next_offsets.values()) == 12  # the next offsets after every message of both partitions
+
+
+def test_documents_longer_than_one_context_are_applied_once_with_a_bank_entry_per_context(
+    kafka, mlflow_server, server, checkpoint, topic_name
+):
+    texts = [" ".join(f"Line {line} of report {i}: the mill by the river ground {line * 7} sacks of grain."
+                      for line in range(12)) for i in range(3)]
+    tokenizer = load_tokenizer(checkpoint)
+    lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+    contexts = [-(-length // CONTEXT_TOKENS) for length in lengths]
+    assert all(count > 1 for count in contexts)  # the test needs documents of several contexts
+    ensure_topics(kafka.bootstrap, {topic_name: 2, DLQ_TOPIC: 1})
+    producer = make_producer(kafka.bootstrap)
+    try:
+        for i, text in enumerate(texts):
+            producer.send(topic_name, json.dumps({"doc_id": f"{topic_name}-long-{i}", "text": text}).encode())
+        producer.flush()
+    finally:
+        producer.close()
+    with ModelServerClient(server.url) as client:
+        before = client.memory()
+
+    result = ingest(kafka, mlflow_server, server, topic_name)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"documents applied: {len(texts)} ({sum(contexts)} contexts injected)\n" in result.stdout
+    with ModelServerClient(server.url) as client:
+        after = client.memory()
+    assert after.documents_applied - before.documents_applied == len(texts)
+    assert after.injections - before.injections == sum(contexts)
+    assert after.bank_entries - before.bank_entries == sum(contexts)  # one entry per context, in one append
+    assert consumer_lag(kafka.bootstrap, topic_name, topic_name) == 0
 
 
 @pytest.mark.parametrize("step", CRASH_STEPS)
