@@ -54,6 +54,7 @@ _IDLE_POLL_MS = 500
 # A consumer that died (SIGKILL, lost node) keeps its partitions until its session times out; 10 s lets a
 # restarted worker resume soon (kafka-python would pick 30 s against this broker).
 SESSION_TIMEOUT_MS = 10_000
+DLQ_END_REFRESH_S = 60.0  # how old the DLQ end recorded with a commit may be
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,7 @@ class DocumentSource:
         self._dlq_reader: KafkaConsumer | None = None  # reads the DLQ back (no group), made when needed
         # partition -> its source offsets at or after the committed one that the DLQ already holds
         self._dead_lettered: dict[int, set[int]] = {}
+        self._dlq_end: tuple[float, dict[int, int]] | None = None  # (when asked, DLQ end per partition)
 
     def poll_batch(self, max_docs: int, timeout_s: float = 10.0) -> Batch:
         """Read up to `max_docs` messages (valid and invalid count alike) within `timeout_s`.
@@ -213,7 +215,7 @@ class DocumentSource:
         owned = {tp: meta for tp, meta in offsets.items() if tp in assigned}
         if owned:
             # where the DLQ ends now: dead letters of messages after this commit can only come later
-            metadata = json.dumps({"dlq_end": self._dlq_end_offsets()}, separators=(",", ":"))
+            metadata = json.dumps({"dlq_end": self._recent_dlq_end()}, separators=(",", ":"))
             self._consumer.commit({tp: OffsetAndMetadata(m.offset, metadata, -1) for tp, m in owned.items()})
             for tp, meta in owned.items():
                 known = self._dead_lettered.get(tp.partition, set())
@@ -337,6 +339,15 @@ class DocumentSource:
     def _dlq_partitions(self) -> list[int]:
         reader = self._reader()
         return sorted(reader.partitions_for_topic(self.dlq_topic) or {0})
+
+    def _recent_dlq_end(self) -> dict[int, int]:
+        """Where the DLQ ended, asked of the broker at most once every DLQ_END_REFRESH_S seconds (not one
+        round trip per batch). An end older than the commit is safe: a redelivery reads the DLQ from
+        there, a little further back than needed, and finds every letter of the messages after the
+        commit, since those can only be written after it."""
+        if self._dlq_end is None or time.monotonic() - self._dlq_end[0] > DLQ_END_REFRESH_S:
+            self._dlq_end = (time.monotonic(), self._dlq_end_offsets())
+        return self._dlq_end[1]
 
     def _dlq_end_offsets(self) -> dict[int, int]:
         tps = [TopicPartition(self.dlq_topic, p) for p in self._dlq_partitions()]
