@@ -297,8 +297,8 @@ class MemoryBank:
         thread (while the caller computes the next ones), `commit` makes them all visible at once."""
         return PendingAppend(self, version)
 
-    def _write(self, entries: Sequence[NewEntry], seqs: Sequence[int], version: int) -> list:
-        """The data files (Lance fragments) of entries, not yet part of the dataset."""
+    def write_fragments(self, entries: Sequence[NewEntry], seqs: Sequence[int], version: int) -> list:
+        """The data files (Lance fragments) of entries, not yet part of the dataset (see PendingAppend)."""
         now = datetime.now(UTC)
         slot_values, slot_scales = zip(*(self.layout.slot_format.encode(e.tokens) for e in entries),
                                        strict=True)
@@ -323,7 +323,7 @@ class MemoryBank:
         }
         return write_fragments(pa.table(columns, schema=self._schema), self.uri)
 
-    def _commit(self, fragments: list, seqs: Sequence[int], doc_ids: Sequence[str]) -> None:
+    def commit_fragments(self, fragments: list, seqs: Sequence[int], doc_ids: Sequence[str]) -> None:
         """Make written fragments part of the dataset in one commit, and index them."""
         rows_before = self._dataset.count_rows()
         self._dataset = lance.LanceDataset.commit(
@@ -336,7 +336,7 @@ class MemoryBank:
         )
         self._doc_ids.update(doc_ids)
 
-    def _check_shape(self, entry: NewEntry) -> None:
+    def check_shape(self, entry: NewEntry) -> None:
         """Tokens [L, K, d] in the pool's dtype, or [L, k, d] with 1 <= k <= K for a tiling entry (the first
         context of T < K tokens into an empty pool gives k = T); drops [K] or [L, K]."""
         layout = self.layout
@@ -437,7 +437,7 @@ class PendingAppend:
         for entry in entries:  # (a document's contexts are entries that share its doc_id)
             if self.bank.holds(entry.doc_id):
                 raise BankError(f"the bank already holds document {entry.doc_id!r}")
-            self.bank._check_shape(entry)
+            self.bank.check_shape(entry)
         if not entries:
             return
         first = self.bank.next_seq + len(self._seqs)
@@ -446,7 +446,8 @@ class PendingAppend:
         self._doc_ids += [entry.doc_id for entry in entries]
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckl-bank-write")
-        self._writes.append(self._executor.submit(self.bank._write, list(entries), seqs, self.version))
+        write = self._executor.submit(self.bank.write_fragments, list(entries), seqs, self.version)
+        self._writes.append(write)
 
     def commit(self, before_commit: Callable[[], None] | None = None) -> list[int]:
         """Wait for the data files, then commit them as one version of the dataset; returns the seqs.
@@ -460,5 +461,5 @@ class PendingAppend:
             return []
         if before_commit is not None:
             before_commit()
-        self.bank._commit(fragments, self._seqs, self._doc_ids)
+        self.bank.commit_fragments(fragments, self._seqs, self._doc_ids)
         return list(self._seqs)
