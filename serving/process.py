@@ -19,7 +19,7 @@ import httpx
 
 from model import DEFAULT_CHECKPOINT
 from runtime.paths import cache_dir
-from runtime.supervisor import DEFAULT_READY_TIMEOUT_S, HOST, STOP_TIMEOUT_S, ManagedProcess
+from runtime.supervisor import DEFAULT_READY_TIMEOUT_S, HOST, STOP_TIMEOUT_S, ManagedProcess, start_ticks
 from serving.client import SERVER_FILE
 from serving.settings import READ_TOKEN_ENV, WRITE_TOKEN_ENV
 
@@ -111,9 +111,9 @@ def stop_running_server(state: Path, timeout: float = STOP_TIMEOUT_S) -> bool:
 
 def _is_server(pid: int) -> bool:
     """Whether `pid` is a live `ckl serve` process (not a zombie, not a reused pid)."""
+    if start_ticks(pid) is None:
+        return False
     try:
-        status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return b"serve" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return status not in ("Z", "X") and b"serve" in arguments
