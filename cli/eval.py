@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from compression.settings import RetrievalSettings
 from model import DEFAULT_CHECKPOINT
 from synthetic import bios, filler
 
@@ -39,12 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="held-out filler paragraphs for the LM loss (default 50; 0 to skip)")
     sub.add_argument("--seed", type=int, default=0, help="seed of the held-out draw and memory drops")
     sub.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:0, ...")
+    retrieval = RetrievalSettings()  # the defaults of --top-k and --keys
     bank = sub.add_argument_group("memory bank")
     bank.add_argument("--bank", action="store_true",
                       help="also answer with retrieval from a memory bank fed by the same injections")
-    bank.add_argument("--top-k", type=int, default=1, help="most bank entries per question (default 1)")
-    bank.add_argument("--keys", default="bm25",
-                      help="retrieval key index: bm25, dense, hybrid (default bm25)")
+    bank.add_argument("--top-k", type=int, default=retrieval.top_k,
+                      help="most bank entries per question (default %(default)s)")
+    bank.add_argument("--keys", default=retrieval.keys,
+                      help="retrieval key index: bm25, dense, hybrid (default %(default)s)")
     bank.add_argument("--slots", type=int, default=None, help="retrieval slots per layer (default: all K)")
     bank.add_argument("--slot-dtype", choices=("float16", "int8"), default="float16",
                       help="dtype of the retrieval slots (default float16)")
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="ckl-eval-bank-") as bank_dir:
         bank = None
         if args.bank:
-            from compression.retrieval import RetrievalSettings, StreamBank
+            from compression.retrieval import StreamBank
             from compression.slots import SlotFormat
 
             settings = RetrievalSettings(top_k=args.top_k, token_budget=args.top_k * model.config.num_tokens,

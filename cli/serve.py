@@ -15,7 +15,9 @@ import threading
 import time
 from pathlib import Path
 
+from compression.settings import RetrievalSettings
 from model import DEFAULT_CHECKPOINT
+from serving.snapshots import CheckpointPolicy
 
 DEFAULT_PORT = 8400
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -24,6 +26,7 @@ log = logging.getLogger("ckl.serve")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    retrieval, checkpoints = RetrievalSettings(), CheckpointPolicy()
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help="port, 0 for any free one (default: %(default)s)")
@@ -41,20 +44,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="memory bank location, a path or object-store URI (default: .ckl/bank)")
     bank.add_argument("--no-retrieval", action="store_true",
                       help="answer from the pool alone unless a query asks for retrieval")
-    bank.add_argument("--top-k", type=int, default=1,
-                      help="most bank entries per question (default: 1; see docs/bank.md)")
-    bank.add_argument("--retrieval-budget", type=int, default=512,
-                      help="most retrieved tokens per layer per question (default: 512)")
-    bank.add_argument("--keys", default="bm25",
-                      help="retrieval key index: bm25, dense, hybrid (default: bm25)")
+    bank.add_argument("--top-k", type=int, default=retrieval.top_k,
+                      help="most bank entries per question (default: %(default)s; see docs/bank.md)")
+    bank.add_argument("--retrieval-budget", type=int, default=retrieval.token_budget,
+                      help="most retrieved tokens per layer per question (default: %(default)s)")
+    bank.add_argument("--keys", default=retrieval.keys,
+                      help="retrieval key index: bm25, dense, hybrid (default: %(default)s)")
     bank.add_argument("--slots", type=int, default=None,
                       help="retrieval slots kept per layer and entry (default: all K)")
     bank.add_argument("--slot-dtype", choices=("float16", "int8"), default="float16",
                       help="dtype of the retrieval slots (default: float16)")
-    bank.add_argument("--checkpoint-every", type=int, default=50, metavar="BATCHES",
-                      help="write a full pool checkpoint every this many batches (default: 50)")
-    bank.add_argument("--checkpoint-every-s", type=float, default=600.0, metavar="SECONDS",
-                      help="... or after this many seconds, whichever comes first (default: 600)")
+    bank.add_argument("--checkpoint-every", type=int, default=checkpoints.every_batches, metavar="BATCHES",
+                      help="write a full pool checkpoint every this many batches (default: %(default)s)")
+    bank.add_argument("--checkpoint-every-s", type=float, default=checkpoints.every_s, metavar="SECONDS",
+                      help="... or after this many seconds, whichever comes first (default: %(default)g)")
     parser.add_argument("--follow", type=float, default=None, metavar="SECONDS",
                         help="run as a read replica of the writer whose --snapshots and --bank it shares: "
                              "refuse writes, catch up with its checkpoints and bank every SECONDS")
@@ -76,13 +79,12 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from compression.bank import BankError
-    from compression.retrieval import RetrievalSettings
     from compression.slots import SlotFormat
     from serving.app import create_app
     from serving.client import SERVER_FILE
     from serving.metrics import ServerMetrics
     from serving.runner import ModelRunner
-    from serving.settings import WRITE_TOKEN_ENV, CheckpointPolicy, ServerSettings
+    from serving.settings import WRITE_TOKEN_ENV, ServerSettings
     from serving.state import LiveState, NoValidSnapshot, open_bank
 
     checkpoint = args.model or DEFAULT_CHECKPOINT

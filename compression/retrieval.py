@@ -13,21 +13,8 @@ import torch
 
 from compression.bank import BankLayout, MemoryBank, NewEntry
 from compression.keys import KeyIndex, make_index
+from compression.settings import RetrievalSettings
 from compression.slots import SlotFormat, dtype_name
-
-
-@dataclass(frozen=True)
-class RetrievalSettings:
-    """Retrieval on or off, most entries per question, the token budget per layer, the key index."""
-
-    enabled: bool = True
-    top_k: int = 1
-    token_budget: int = 512
-    keys: str = "bm25"
-
-    def __post_init__(self):
-        if self.top_k < 1 or self.token_budget < 1:
-            raise ValueError(f"top_k and token_budget must be positive: {self.top_k}, {self.token_budget}")
 
 
 @dataclass(frozen=True)

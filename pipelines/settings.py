@@ -52,11 +52,10 @@ class IngestSettings:
         their addresses into `.ckl/`.
         """
         values = {k: v for k, v in given.items() if v is not None}
-        if "bootstrap" not in values or "mlflow_uri" not in values:
-            env_bootstrap, env_mlflow = os.environ.get(BOOTSTRAP_ENV), os.environ.get(MLFLOW_URI_ENV)
-            services = {} if env_bootstrap and env_mlflow else load_services_info()
-            values.setdefault("bootstrap", env_bootstrap or services["kafka_bootstrap"])
-            values.setdefault("mlflow_uri", env_mlflow or services.get("mlflow_uri"))
+        if "bootstrap" not in values:
+            values["bootstrap"] = os.environ.get(BOOTSTRAP_ENV) or load_services_info()["kafka_bootstrap"]
+        if "mlflow_uri" not in values:
+            values["mlflow_uri"] = resolve_mlflow_uri(required=False)  # ingestion may run without MLflow
         server_url, write_token = resolve_server(values.get("server_url"), values.get("write_token"))
         return cls(**(values | {"server_url": server_url, "write_token": write_token}))
 
@@ -71,9 +70,10 @@ def resolve_server(url: str | None = None, write_token: str | None = None) -> tu
     return url, write_token or os.environ.get(WRITE_TOKEN_ENV)
 
 
-def resolve_mlflow_uri(given: str | None = None) -> str:
-    """The MLflow tracking URI: given, else CKL_MLFLOW_URI, else the one `ckl services up` wrote."""
+def resolve_mlflow_uri(given: str | None = None, *, required: bool = True) -> str | None:
+    """The MLflow tracking URI: given, else CKL_MLFLOW_URI, else the one `ckl services up` wrote. Without
+    one, ServiceError when `required`, else None (a missing services file raises either way)."""
     uri = given or os.environ.get(MLFLOW_URI_ENV) or load_services_info().get("mlflow_uri")
-    if not uri:
+    if not uri and required:
         raise ServiceError("no MLflow tracking URI: pass --mlflow-uri or set " + MLFLOW_URI_ENV)
     return uri

@@ -98,15 +98,16 @@ def free_port(host: str = HOST) -> int:
         return sock.getsockname()[1]
 
 
-def log_tail(path: Path, since: int = 0, max_lines: int = 25) -> str:
-    """The last lines a log got after byte offset `since`."""
+def log_tail(path: Path, since: int = 0, max_lines: int | None = 25) -> str:
+    """The last `max_lines` lines a log got after byte offset `since` (None: all of it, as written); ""
+    when the log cannot be read."""
     try:
         with path.open("rb") as log:
             log.seek(since)
-            lines = log.read().decode("utf-8", "replace").splitlines()
+            text = log.read().decode("utf-8", "replace")
     except OSError:
         return ""
-    return "\n".join(lines[-max_lines:])
+    return text if max_lines is None else "\n".join(text.splitlines()[-max_lines:])
 
 
 class ManagedProcess:
@@ -230,12 +231,7 @@ class ManagedProcess:
 
     def log(self) -> str:
         """What the process logged since its last launch."""
-        try:
-            with self.log_path.open("rb") as log:
-                log.seek(self._log_offset)
-                return log.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
+        return log_tail(self.log_path, self._log_offset, max_lines=None)
 
     def wait_exit(self, timeout: float) -> int | None:
         """Wait for the process this object launched to exit; its exit code (negative: the signal that

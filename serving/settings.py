@@ -4,21 +4,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compression.retrieval import RetrievalSettings
+from compression.settings import RetrievalSettings
 from compression.slots import SlotFormat
 from documents.model import DEFAULT_MAX_TEXT_CHARS
+from serving.snapshots import CheckpointPolicy
 
 WRITE_TOKEN_ENV = "CKL_WRITE_TOKEN"
 READ_TOKEN_ENV = "CKL_READ_TOKEN"
-
-
-@dataclass(frozen=True)
-class CheckpointPolicy:
-    """When a full pool checkpoint is written after a batch: every n batches or t seconds, whichever first.
-    Between checkpoints the memory bank alone makes batches durable (replayed on restart)."""
-
-    every_batches: int = 50
-    every_s: float = 600.0
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ It is written into a hidden temporary directory, every file and the directory ar
 is it renamed into place (and the root fsynced): a crash leaves either a whole snapshot or a temporary
 directory that `prune` removes, never a half-written snapshot under a snapshot name. Names sort by
 version then time, so the newest snapshot is the last name.
+
+`CheckpointPolicy` says when the server writes one (it lives here, free of torch, for `ckl serve --help`).
 """
 
 import hashlib
@@ -52,6 +54,15 @@ class SnapshotInfo:
     path: Path
     memory_version: int
     created_at: datetime
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """When a full pool checkpoint is written after a batch: every n batches or t seconds, whichever first.
+    Between checkpoints the memory bank alone makes batches durable (replayed on restart)."""
+
+    every_batches: int = 50
+    every_s: float = 600.0
 
 
 @dataclass(frozen=True)

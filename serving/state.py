@@ -36,7 +36,8 @@ import torch
 
 from compression.bank import BankLayout, MemoryBank, NewEntry
 from compression.replay import replay
-from compression.retrieval import RetrievalSettings, Retrieved, Retriever
+from compression.retrieval import Retrieved, Retriever
+from compression.settings import RetrievalSettings
 from compression.slots import SlotFormat
 from model import MemoryStateError
 from model.contexts import split_contexts
@@ -46,8 +47,14 @@ from runtime.faults import crash_point
 from serving.lineage import Lineage, load_lineage, save_lineage
 from serving.runner import ModelRunner
 from serving.schemas import InjectDocument
-from serving.settings import CheckpointPolicy
-from serving.snapshots import SnapshotInfo, list_snapshots, prune, valid_snapshots, write_snapshot
+from serving.snapshots import (
+    CheckpointPolicy,
+    SnapshotInfo,
+    list_snapshots,
+    prune,
+    valid_snapshots,
+    write_snapshot,
+)
 from serving.turns import ModelTurns
 
 log = logging.getLogger(__name__)

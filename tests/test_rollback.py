@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 from tiny_checkpoint import make_tiny_checkpoint
 
-from compression.retrieval import RetrievalSettings
+from compression.settings import RetrievalSettings
 from compression.slots import SlotFormat
 from monitoring.probes import BUCKETS, ProbeBudget, bucket_seqs, probe_metrics, sample_probes, token_f1
 from serving.lineage import load_lineage
 from serving.runner import ModelRunner
 from serving.schemas import InjectDocument
-from serving.settings import CheckpointPolicy
-from serving.snapshots import list_snapshots
+from serving.snapshots import CheckpointPolicy, list_snapshots
 from serving.state import LiveState, RollbackRefused, open_bank
 
 CONTEXT_TOKENS = 16

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from tiny_checkpoint import make_tiny_checkpoint
 
-from compression.retrieval import RetrievalSettings
+from compression.settings import RetrievalSettings
 from compression.slots import SlotFormat
 from serving.client import ModelServerClient, ServerError
 from serving.process import ServerProcess, stop_running_server
