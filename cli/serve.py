@@ -18,6 +18,7 @@ from pathlib import Path
 from compression.settings import RetrievalSettings
 from model import DEFAULT_CHECKPOINT
 from serving.snapshots import CheckpointPolicy
+from serving.turns import DEFAULT_MAX_WAITING_QUERIES  # ServerSettings' default; torch-free for --help
 
 DEFAULT_PORT = 8400
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -58,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="write a full pool checkpoint every this many batches (default: %(default)s)")
     bank.add_argument("--checkpoint-every-s", type=float, default=checkpoints.every_s, metavar="SECONDS",
                       help="... or after this many seconds, whichever comes first (default: %(default)g)")
+    parser.add_argument("--max-waiting-queries", type=int, default=DEFAULT_MAX_WAITING_QUERIES, metavar="N",
+                        help="most queries waiting for the model; one more gets 503 with Retry-After "
+                             "(writes are never refused for it; default: %(default)s)")
     parser.add_argument("--follow", type=float, default=None, metavar="SECONDS",
                         help="run as a read replica of the writer whose --snapshots and --bank it shares: "
                              "refuse writes, catch up with its checkpoints and bank every SECONDS")
@@ -103,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         retrieval=RetrievalSettings(not args.no_retrieval, args.top_k, args.retrieval_budget, args.keys),
         slot_format=SlotFormat(args.slots, args.slot_dtype),
         checkpoints=CheckpointPolicy(args.checkpoint_every, args.checkpoint_every_s),
+        max_waiting_queries=args.max_waiting_queries,
         follow_s=args.follow,
     )
     if settings.follow_s is not None:

@@ -3,14 +3,16 @@
 Reads (`/v1/query`, `/v1/memory`, `/v1/snapshots`, `/v1/health`, `/metrics`) are open unless a read token
 is configured; writes (`POST /v1/inject`, `/v1/snapshots`, `/v1/snapshots/prune`, `/v1/bank/compact`,
 `/v1/probe`, `/v1/rollback`) need `Authorization: Bearer <write token>` and are refused with 503 when the
-server has none. The OpenAPI page (`/docs`) documents every body. Every refusal is a JSON object with a
-`detail`: a sentence, or for 422 a list of {loc, msg, type} naming each invalid field.
+server has none. The OpenAPI page (`/docs`) documents every body and every refusal's status. Every
+refusal is a JSON object with a `detail`: a sentence, or for 422 a list of {loc, msg, type} naming each
+invalid field.
 
 Lanes: queries wait for the model in a lane of their own, where at most `query_concurrency` of them hold a
-worker thread and the rest wait without one. Writes, probes and the cheap reads (health, memory, metrics)
-use the server's other threads, so however many queries queue up, a batch's inject or a health check
-starts at once (the model then alternates fairly between the writer and queries, serving/turns.py).
-Token checks run on the event loop.
+worker thread and the rest wait without one, at most `max_waiting_queries` of them: a query arriving when
+that many wait is refused with 503 and `Retry-After` (counted in `ckl_queries_refused_total`). Writes,
+probes and the cheap reads (health, memory, metrics) use the server's other threads and are never capped,
+so however many queries queue up, a batch's inject or a health check starts at once (the model then
+alternates fairly between the writer and queries, serving/turns.py). Token checks run on the event loop.
 """
 
 import hmac
@@ -33,6 +35,7 @@ from monitoring.probes import ProbeBudget
 from serving.metrics import CONTENT_TYPE, ServerMetrics
 from serving.schemas import (
     CompactResponse,
+    ErrorResponse,
     HealthResponse,
     InjectRequest,
     InjectResponse,
@@ -57,6 +60,42 @@ from serving.snapshots import SnapshotInfo, list_snapshots
 from serving.state import LiveState, RollbackRefused
 
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
+RETRY_AFTER_S = 1  # what a query refused for the waiting queries is told to wait
+
+
+def _refusal(description: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """An error response for the OpenAPI document: {"detail": sentence}, and the headers it carries."""
+    response: dict[str, Any] = {"model": ErrorResponse, "description": description}
+    if headers:
+        response["headers"] = {name: {"description": text, "schema": {"type": "string"}}
+                               for name, text in headers.items()}
+    return response
+
+
+# The refusals each route may answer with (422 for an invalid body FastAPI declares itself)
+BEARER = {"WWW-Authenticate": "Bearer"}
+READ_REFUSALS = {401: _refusal("No or a wrong bearer token, on a server with a read token.", BEARER)}
+WRITE_REFUSALS = {
+    401: _refusal("No or a wrong bearer token.", BEARER),
+    503: _refusal("Writes are disabled: the server has no write token, or is a read replica."),
+}
+BODY_REFUSALS = {
+    400: _refusal("The body is not usable JSON (not UTF-8, nested too deeply, an integer too long)."),
+    413: _refusal("The body is over the server's max_body_bytes."),
+}
+QUERY_REFUSALS = READ_REFUSALS | BODY_REFUSALS | {
+    413: _refusal("The question is over max_question_chars, or the body over max_body_bytes."),
+    503: _refusal("max_waiting_queries queries are waiting for the model already: retry later.",
+                  {"Retry-After": "Seconds to wait before asking again."}),
+}
+INJECT_REFUSALS = WRITE_REFUSALS | BODY_REFUSALS | {
+    413: _refusal("Over max_batch_documents documents, a text over max_text_chars, or the body over "
+                  "max_body_bytes."),
+}
+ROLLBACK_REFUSALS = WRITE_REFUSALS | BODY_REFUSALS | {
+    409: _refusal("The rollback cannot be done (a version from the future, or one compaction made "
+                  "unbuildable); nothing changed."),
+}
 
 
 def create_app(
@@ -68,6 +107,7 @@ def create_app(
     """The API over a loaded live state; `on_shutdown` runs when the server shuts down gracefully."""
 
     query_lane: anyio.CapacityLimiter | None = None  # made in the event loop, at startup
+    queries_in_lane = 0  # queries handed to the model or waiting for it; only touched on the event loop
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -122,9 +162,11 @@ def create_app(
             metrics.observe_error(_route_path(request), response.status_code)
         return response
 
-    @app.post("/v1/query", dependencies=[Depends(require_read)])
+    @app.post("/v1/query", dependencies=[Depends(require_read)], responses=QUERY_REFUSALS)
     async def query(request: QueryRequest) -> QueryResponse:
-        """Answer a question from the current memory; the answer names the memory version that gave it."""
+        """Answer a question from the current memory; the answer names the memory version that gave it.
+        503 with Retry-After when `max_waiting_queries` queries wait for the model already."""
+        nonlocal queries_in_lane
         if len(request.question) > settings.max_question_chars:
             raise HTTPException(
                 413,
@@ -138,14 +180,26 @@ def create_app(
                 "msg": f"max_new_tokens is {request.max_new_tokens}, over the limit of {limit}",
                 "ctx": {"le": limit},
             }])
+        if queries_in_lane >= settings.query_concurrency + settings.max_waiting_queries:
+            metrics.observe_refused_query()
+            raise HTTPException(
+                503,
+                f"too many queries are waiting for the model (the limit is {settings.max_waiting_queries}): "
+                f"retry in {RETRY_AFTER_S} s",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        queries_in_lane += 1  # no await between the check and here: no other query slips in
         started = time.perf_counter()
-        answer, memory_version, retrieved = await anyio.to_thread.run_sync(
-            state.answer, request.question, request.max_new_tokens, request.retrieve, limiter=query_lane
-        )
+        try:
+            answer, memory_version, retrieved = await anyio.to_thread.run_sync(
+                state.answer, request.question, request.max_new_tokens, request.retrieve, limiter=query_lane
+            )
+        finally:
+            queries_in_lane -= 1
         metrics.observe_query(time.perf_counter() - started)
         return QueryResponse(answer=answer, memory_version=memory_version, retrieved=retrieved)
 
-    @app.post("/v1/inject", dependencies=[Depends(require_write)])
+    @app.post("/v1/inject", dependencies=[Depends(require_write)], responses=INJECT_REFUSALS)
     def inject(request: InjectRequest) -> InjectResponse:
         """Apply a batch of documents to memory, in order; doc_ids already applied are skipped."""
         if len(request.documents) > settings.max_batch_documents:
@@ -178,14 +232,14 @@ def create_app(
             pool_sha256=state.runner.pool_sha256(),
         )
 
-    @app.post("/v1/probe", dependencies=[Depends(require_write)])
+    @app.post("/v1/probe", dependencies=[Depends(require_write)], responses=WRITE_REFUSALS | BODY_REFUSALS)
     def probe(request: ProbeRequest) -> ProbeResponse:
         """Retention probes: stored questions of bank entries sampled by age, asked from the pool alone and
         with the bank, and the loss on a held-out text. Reads the memory; batches wait meanwhile."""
         report = state.probe(ProbeBudget(request.questions, request.max_ms), request.seed)
         return ProbeResponse(**report.to_dict(), memory_version=state.view().memory_version)
 
-    @app.post("/v1/rollback", dependencies=[Depends(require_write)])
+    @app.post("/v1/rollback", dependencies=[Depends(require_write)], responses=ROLLBACK_REFUSALS)
     def rollback(request: RollbackRequest) -> RollbackResponse:
         """Take the memory back to a version, byte for byte: the bank is truncated, the pool rebuilt from a
         checkpoint and the bank, and a new lineage starts; 409 when it cannot be done (nothing changes)."""
@@ -207,7 +261,7 @@ def create_app(
             pool_sha256=state.runner.pool_sha256(),
         )
 
-    @app.post("/v1/snapshots", dependencies=[Depends(require_write)])
+    @app.post("/v1/snapshots", dependencies=[Depends(require_write)], responses=WRITE_REFUSALS)
     def write_snapshot() -> SnapshotResponse:
         """Make the current state (memory, ledger, offsets) durable: a new snapshot, or the newest one if
         nothing changed since it was written or restored."""
@@ -215,26 +269,27 @@ def create_app(
         metrics.observe_snapshot()
         return _snapshot_response(info)
 
-    @app.post("/v1/snapshots/prune", dependencies=[Depends(require_write)])
+    @app.post("/v1/snapshots/prune", dependencies=[Depends(require_write)],
+              responses=WRITE_REFUSALS | BODY_REFUSALS)
     def prune_snapshots(request: PruneRequest) -> PruneResponse:
         """Delete all but the newest `keep_last` valid snapshots (corrupt newer ones stay for inspection)."""
         removed = state.prune_snapshots(request.keep_last)
         kept = list_snapshots(settings.snapshot_root)
         return PruneResponse(removed=[path.name for path in removed], kept=[info.id for info in kept])
 
-    @app.post("/v1/bank/compact", dependencies=[Depends(require_write)])
+    @app.post("/v1/bank/compact", dependencies=[Depends(require_write)], responses=WRITE_REFUSALS)
     def compact_bank() -> CompactResponse:
         """Compact the memory bank: drop exact tokens every kept checkpoint covers (retrieval slots stay),
         merge small files, delete old versions. Never runs during a batch."""
         return CompactResponse(**state.compact_bank())
 
-    @app.get("/v1/snapshots", dependencies=[Depends(require_read)])
+    @app.get("/v1/snapshots", dependencies=[Depends(require_read)], responses=READ_REFUSALS)
     def snapshots() -> SnapshotListResponse:
         """The snapshots on disk, newest first."""
         infos = list_snapshots(settings.snapshot_root)
         return SnapshotListResponse(snapshots=[_snapshot_response(info) for info in infos])
 
-    @app.get("/v1/memory", dependencies=[Depends(require_read)])
+    @app.get("/v1/memory", dependencies=[Depends(require_read)], responses=READ_REFUSALS)
     def memory() -> MemoryResponse:
         """The current memory version, injection count, ledger size and last Kafka offsets."""
         view = state.view()
@@ -251,7 +306,7 @@ def create_app(
             excluded=len(state.lineage.excluded),
         )
 
-    @app.get("/v1/health", dependencies=[Depends(require_read)])
+    @app.get("/v1/health", dependencies=[Depends(require_read)], responses=READ_REFUSALS)
     def health() -> HealthResponse:
         """The server is up; what it serves and its limits."""
         return HealthResponse(
@@ -279,9 +334,10 @@ def create_app(
             memory=MemoryInfo(**state.runner.memory_info()),
         )
 
-    @app.get("/metrics", dependencies=[Depends(require_read)], response_class=Response)
+    @app.get("/metrics", dependencies=[Depends(require_read)], response_class=Response,
+             responses=READ_REFUSALS)
     def prometheus_metrics() -> Response:
-        """Prometheus metrics: queries, query latency, injections, documents, errors."""
+        """Prometheus metrics: queries (answered, refused), query latency, injections, documents, errors."""
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     return app

@@ -33,6 +33,12 @@ class RequestBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+class ErrorResponse(BaseModel):
+    """A refusal other than 422 (whose `detail` lists the invalid fields)."""
+
+    detail: str = Field(description="Why the request was refused, in a sentence.")
+
+
 class QueryRequest(RequestBody):
     question: str = Field(min_length=1, description="Plain text; the server builds the prompt.")
     max_new_tokens: Integer = Field(32, ge=1, description="Most tokens to generate for the answer.")

@@ -8,6 +8,7 @@ from compression.settings import RetrievalSettings
 from compression.slots import SlotFormat
 from documents.model import DEFAULT_MAX_TEXT_CHARS
 from serving.snapshots import CheckpointPolicy
+from serving.turns import DEFAULT_MAX_WAITING_QUERIES
 
 WRITE_TOKEN_ENV = "CKL_WRITE_TOKEN"
 READ_TOKEN_ENV = "CKL_READ_TOKEN"
@@ -32,6 +33,7 @@ class ServerSettings:
     max_body_bytes: int = 64 * 2**20  # any request body; a full batch of long texts fits
     max_text_chars: int = DEFAULT_MAX_TEXT_CHARS  # the Kafka topic's default limit too
     query_concurrency: int = 1  # queries handed to the model at once (the rest wait without a thread)
+    max_waiting_queries: int = DEFAULT_MAX_WAITING_QUERIES  # of the rest; one more is refused with 503
     retrieval: RetrievalSettings = RetrievalSettings()
     slot_format: SlotFormat = SlotFormat()
     checkpoints: CheckpointPolicy = CheckpointPolicy()

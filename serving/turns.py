@@ -4,12 +4,17 @@ Queries go in arrival order. When the writer (one batch, one context per turn) a
 they alternate: a batch advances by at least one context per query, however many queries queue up, and
 a query waits for at most one context of a batch. (Python's Lock gives no such order: a thread that
 releases it can take it straight back.)
+
+How many queries may wait for a turn at all is the server's cap (`ServerSettings.max_waiting_queries`,
+serving/app.py); its default lives here, where `ckl serve --help` can read it without importing torch.
 """
 
 import threading
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+DEFAULT_MAX_WAITING_QUERIES = 64  # queries waiting for the model beyond those handed to it; more get 503
 
 
 class ModelTurns:

@@ -1,8 +1,9 @@
 """Bad input against a real `ckl serve` (tiny random model), driven by the server's own OpenAPI document.
 
 Schemathesis generates valid and invalid requests for every operation; whatever it sends, the server must
-never answer 5xx, every 4xx must carry a JSON body with a non-empty `detail`, and schema-invalid bodies
-must be refused. Write endpoints are also checked explicitly without (or with a wrong) bearer token, and
+never answer 5xx, every 4xx must carry a JSON body with a non-empty `detail`, schema-invalid bodies must
+be refused, and every status must be one the document declares for the operation, with a body of its
+declared schema. Write endpoints are also checked explicitly without (or with a wrong) bearer token, and
 the configured limits with oversized bodies. See docs/bad_input.md.
 
 The schema is loaded from the running server and each operation's cases are drawn with
@@ -20,7 +21,11 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from schemathesis.specs.openapi.checks import negative_data_rejection, response_schema_conformance
+from schemathesis.specs.openapi.checks import (
+    negative_data_rejection,
+    response_schema_conformance,
+    status_code_conformance,
+)
 from tiny_checkpoint import make_tiny_checkpoint
 
 from serving.process import ServerProcess
@@ -81,6 +86,13 @@ def assert_clear_refusal(response: httpx.Response | schemathesis.Response, reque
             assert all(error.get("loc") and error.get("msg") for error in detail), said
 
 
+def assert_declared(api: schemathesis.BaseSchema, method: str, path: str, response: httpx.Response) -> None:
+    """The response's status is one the OpenAPI document declares for the operation, its body that schema."""
+    declared = api.raw_schema["paths"][path][method.lower()]["responses"]
+    assert str(response.status_code) in declared, (method, path, response.status_code, sorted(declared))
+    api[path][method].validate_response(response)  # the body, against the status' declared schema
+
+
 def body_is_not_json(response: httpx.Response | schemathesis.Response) -> bool:
     """The refusal of a body that does not decode as JSON."""
     if response.status_code == 400:
@@ -117,7 +129,8 @@ def test_with_the_write_token_no_input_gets_a_5xx_and_every_4xx_says_why(api, se
     def check(case: schemathesis.Case) -> None:
         response = case.call(headers=AUTHORIZED)
         assert_clear_refusal(response, case.as_curl_command(headers=AUTHORIZED))
-        case.validate_response(response, checks=[negative_data_rejection, response_schema_conformance])
+        case.validate_response(response, checks=[negative_data_rejection, response_schema_conformance,
+                                                 status_code_conformance])
 
     fuzz(api, method, path, check)
 
@@ -133,6 +146,7 @@ def test_without_a_token_writes_are_refused_and_reads_never_fail(api, method, pa
             if not body_is_not_json(response):
                 assert response.status_code == 401, response.text[:500]
                 assert response.headers["www-authenticate"] == ["Bearer"]
+        case.validate_response(response, checks=[response_schema_conformance, status_code_conformance])
 
     fuzz(api, method, path, check)
 
@@ -188,17 +202,18 @@ def state_of(url: str) -> tuple[dict, dict]:
 
 
 @pytest.mark.parametrize("path", WRITES)
-def test_every_write_refuses_a_missing_or_wrong_token_and_changes_nothing(server, path):
+def test_every_write_refuses_a_missing_or_wrong_token_and_changes_nothing(api, server, path):
     before = state_of(server.url)
     for name, headers in BAD_TOKENS.items():
         response = httpx.post(f"{server.url}{path}", json=WRITES[path], headers=headers, timeout=60)
         assert response.status_code == 401, (name, response.text)
+        assert_declared(api, "POST", path, response)
         assert response.headers["www-authenticate"] == "Bearer", name
         assert response.json()["detail"] in ("missing bearer token", "invalid bearer token"), name
     assert state_of(server.url) == before
 
 
-def test_the_limits_are_enforced_with_413_or_422_naming_the_limit(server):
+def test_the_limits_are_enforced_with_413_or_422_naming_the_limit(api, server):
     limits = httpx.get(f"{server.url}/v1/health").json()["limits"]
     doc = {"doc_id": "limit", "text": "t", "topic": "ckl.docs", "partition": 0, "offset": 1}
     cases = [
@@ -230,6 +245,7 @@ def test_the_limits_are_enforced_with_413_or_422_naming_the_limit(server):
         assert response.status_code == status, (path, response.text[:300])
         assert message in response.text, (path, response.text[:300])
         assert_clear_refusal(response, path)
+        assert_declared(api, "POST", path, response)
     assert state_of(server.url) == before
 
 
@@ -273,12 +289,14 @@ MALFORMED = [  # (method, path, body, status, part of the detail)
 
 @pytest.mark.parametrize(("method", "path", "body", "status", "detail"), MALFORMED,
                          ids=[f"{m} {p} {b[:24]!r}" for m, p, b, *_ in MALFORMED])
-def test_malformed_requests_get_a_4xx_with_the_reason(server, method, path, body, status, detail):
+def test_malformed_requests_get_a_4xx_with_the_reason(api, server, method, path, body, status, detail):
     headers = {**AUTHORIZED, "Content-Type": "application/json"}
     response = httpx.request(method, f"{server.url}{path}", content=body, headers=headers, timeout=60)
     assert response.status_code == status, response.text[:300]
     assert detail in response.text, response.text[:300]
     assert_clear_refusal(response, path)
+    if status not in (404, 405):  # no such operation to declare them
+        assert_declared(api, method, path, response)
 
 
 def test_a_first_context_shorter_than_k_tokens_into_an_empty_memory_is_applied(server):

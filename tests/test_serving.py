@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import threading
 import time
@@ -14,14 +15,18 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 from tiny_checkpoint import make_tiny_checkpoint
 
 from compression.settings import RetrievalSettings
 from compression.slots import SlotFormat
+from serving.app import create_app
 from serving.client import ModelServerClient, ServerError
+from serving.metrics import ServerMetrics
 from serving.process import ServerProcess, stop_running_server
 from serving.runner import ModelRunner
-from serving.schemas import InjectDocument, MemoryResponse
+from serving.schemas import ErrorResponse, InjectDocument, MemoryResponse
+from serving.settings import ServerSettings
 from serving.snapshots import (
     LEDGER_FILE,
     MEMORY_FILE,
@@ -358,6 +363,29 @@ def test_openapi_page_documents_every_endpoint_and_the_bearer_scheme(server):
     assert "InjectDocument" in spec["components"]["schemas"]
     assert httpx.get(f"{server.url}/docs").status_code == 200
 
+    # every status the routes answer with is declared, the refusals with their {"detail": ...} body
+    responses = {(method.upper(), path): operation["responses"]
+                 for path, operations in spec["paths"].items() for method, operation in operations.items()}
+    read, write, body = {"200", "401"}, {"200", "401", "503"}, {"400", "413", "422"}
+    assert {operation: set(declared) for operation, declared in responses.items()} == {
+        ("POST", "/v1/query"): read | body | {"503"},
+        ("POST", "/v1/inject"): write | body,
+        ("POST", "/v1/probe"): write | body,
+        ("POST", "/v1/rollback"): write | body | {"409"},
+        ("POST", "/v1/snapshots/prune"): write | body,
+        ("POST", "/v1/snapshots"): write,
+        ("POST", "/v1/bank/compact"): write,
+        ("GET", "/v1/snapshots"): read, ("GET", "/v1/memory"): read, ("GET", "/v1/health"): read,
+        ("GET", "/metrics"): read,
+    }
+    error = {"$ref": "#/components/schemas/ErrorResponse"}
+    for declared in responses.values():
+        assert all(response["content"]["application/json"]["schema"] == error
+                   for status, response in declared.items() if status not in ("200", "422"))
+        assert "WWW-Authenticate" in declared["401"]["headers"]
+    assert "Retry-After" in responses[("POST", "/v1/query")]["503"]["headers"]
+    assert spec["components"]["schemas"]["ErrorResponse"]["required"] == ["detail"]
+
 
 def test_queries_during_a_batch_see_the_old_or_the_new_memory_never_errors(server, client):
     before = client.memory()
@@ -507,6 +535,58 @@ def live_state(runner: ModelRunner, state_dir: Path) -> LiveState:
     """A live state laid out as `ckl serve` lays it out in `state_dir` (snapshots/, bank/)."""
     bank, retriever = open_bank(runner, str(state_dir / "bank"), SlotFormat(), RetrievalSettings())
     return LiveState(runner, state_dir / "snapshots", bank, retriever, CONTEXT_TOKENS)
+
+
+def test_queries_over_the_waiting_cap_get_503_and_writes_are_not_refused(runner, checkpoint, tmp_path):
+    """The real app over a live state, with the model's turn held as a batch's context holds it: one query is
+    handed to the model, `max_waiting_queries` (1) wait, the rest are refused at once with 503, Retry-After
+    and a {"detail": ...} body, and counted; an inject is taken up meanwhile; once the turn is released the
+    waiting queries and the inject are answered, and new queries are accepted again."""
+    state = live_state(runner, tmp_path)
+    settings = ServerSettings(checkpoint, tmp_path / "snapshots", context_tokens=CONTEXT_TOKENS,
+                              write_token=WRITE_TOKEN, max_waiting_queries=1)
+    question = {"question": "Where was Ada Lovelace born?", "max_new_tokens": 2}
+    answers: queue.Queue[httpx.Response] = queue.Queue()
+    with TestClient(create_app(state, settings, ServerMetrics())) as http:
+
+        def ask() -> None:
+            answers.put(http.post("/v1/query", json=question))
+
+        def refused_total() -> float:
+            metrics = http.get("/metrics").text
+            return float(re.search(r"^ckl_queries_refused_total (\S+)$", metrics, re.MULTILINE).group(1))
+
+        inject_answer: list[httpx.Response] = []
+        inject = threading.Thread(target=lambda: inject_answer.append(
+            http.post("/v1/inject", json={"documents": [document("capped", 1)]},
+                      headers={"Authorization": f"Bearer {WRITE_TOKEN}"})))
+        askers = [threading.Thread(target=ask) for _ in range(4)]
+        try:
+            with state._model_turns.update():  # the model is busy: no query can be answered
+                for thread in askers:
+                    thread.start()
+                refused = [answers.get(timeout=30) for _ in range(2)]  # 1 handed over + 1 waiting: 2 over
+                for response in refused:
+                    assert response.status_code == 503, response.text
+                    assert response.headers["retry-after"] == "1"
+                    detail = ErrorResponse.model_validate(response.json(), strict=True).detail
+                    assert set(response.json()) == {"detail"} and "(the limit is 1)" in detail
+                assert refused_total() == 2
+                assert http.get("/v1/health").status_code == 200  # cheap reads are not capped either
+                inject.start()
+                time.sleep(0.5)
+                assert inject.is_alive()  # waiting for the model, not refused
+                assert answers.empty()  # the two admitted queries still wait
+        finally:  # the turn is released: every request ends before the app shuts down
+            for thread in [inject, *askers]:
+                if thread.is_alive():
+                    thread.join(timeout=60)
+
+        answered = [answers.get_nowait() for _ in range(2)]
+        assert [response.status_code for response in answered] == [200, 200]
+        assert inject_answer[0].status_code == 200 and inject_answer[0].json()["applied"] == ["capped"]
+        assert http.post("/v1/query", json=question).status_code == 200
+        assert refused_total() == 2
 
 
 def test_corrupt_newest_snapshot_is_refused_and_the_previous_one_restored_plus_bank_replay(
