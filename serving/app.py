@@ -9,10 +9,11 @@ invalid field.
 
 Lanes: queries wait for the model in a lane of their own, where at most `query_concurrency` of them hold a
 worker thread and the rest wait without one, at most `max_waiting_queries` of them: a query arriving when
-that many wait is refused with 503 and `Retry-After` (counted in `ckl_queries_refused_total`). Writes,
-probes and the cheap reads (health, memory, metrics) use the server's other threads and are never capped,
-so however many queries queue up, a batch's inject or a health check starts at once (the model then
-alternates fairly between the writer and queries, serving/turns.py). Token checks run on the event loop.
+that many wait is refused with 503 and `Retry-After` (counted, like every error, in `ckl_errors_total`).
+Writes, probes and the cheap reads (health, memory, metrics) use the server's other threads and are never
+capped, so however many queries queue up, a batch's inject or a health check starts at once (the model
+then alternates fairly between the writer and queries, serving/turns.py). Token checks run on the event
+loop.
 """
 
 import hmac
@@ -181,7 +182,6 @@ def create_app(
                 "ctx": {"le": limit},
             }])
         if queries_in_lane >= settings.query_concurrency + settings.max_waiting_queries:
-            metrics.observe_refused_query()
             raise HTTPException(
                 503,
                 f"too many queries are waiting for the model (the limit is {settings.max_waiting_queries}): "
@@ -337,7 +337,7 @@ def create_app(
     @app.get("/metrics", dependencies=[Depends(require_read)], response_class=Response,
              responses=READ_REFUSALS)
     def prometheus_metrics() -> Response:
-        """Prometheus metrics: queries (answered, refused), query latency, injections, documents, errors."""
+        """Prometheus metrics: queries, query latency, injections, documents, errors."""
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     return app

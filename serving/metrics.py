@@ -12,12 +12,11 @@ QUERY_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 
 
 class ServerMetrics:
-    """Counts queries (answered and refused), injections, documents and errors; thread-safe."""
+    """Counts queries, injections, documents and errors; thread-safe."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._queries = 0
-        self._queries_refused = 0
         self._latency_bucket_counts = [0] * len(QUERY_LATENCY_BUCKETS)
         self._latency_sum = 0.0
         self._injections = 0
@@ -35,11 +34,6 @@ class ServerMetrics:
             index = bisect.bisect_left(QUERY_LATENCY_BUCKETS, seconds)
             if index < len(self._latency_bucket_counts):
                 self._latency_bucket_counts[index] += 1
-
-    def observe_refused_query(self) -> None:
-        """One query refused with 503: too many were waiting for the model."""
-        with self._lock:
-            self._queries_refused += 1
 
     def observe_batch(self, injections: int, applied: int, skipped: int, memory_version: int) -> None:
         """One injected batch."""
@@ -67,12 +61,6 @@ class ServerMetrics:
         with self._lock:
             lines = [
                 *_single("ckl_queries_total", "counter", "Queries answered.", self._queries),
-                *_single(
-                    "ckl_queries_refused_total",
-                    "counter",
-                    "Queries refused with 503 because max_waiting_queries were waiting for the model.",
-                    self._queries_refused,
-                ),
                 "# HELP ckl_query_latency_seconds Time to answer a query.",
                 "# TYPE ckl_query_latency_seconds histogram",
             ]

@@ -554,7 +554,8 @@ def test_queries_over_the_waiting_cap_get_503_and_writes_are_not_refused(runner,
 
         def refused_total() -> float:
             metrics = http.get("/metrics").text
-            return float(re.search(r"^ckl_queries_refused_total (\S+)$", metrics, re.MULTILINE).group(1))
+            refused = r'^ckl_errors_total\{path="/v1/query",status="503"\} (\S+)$'
+            return float(re.search(refused, metrics, re.MULTILINE).group(1))
 
         inject_answer: list[httpx.Response] = []
         inject = threading.Thread(target=lambda: inject_answer.append(
