@@ -27,8 +27,7 @@ import torch  # noqa: E402
 
 from compression.bank import BankLayout, MemoryBank, NewEntry  # noqa: E402
 from compression.retrieval import Retriever  # noqa: E402
-from compression.settings import RetrievalSettings  # noqa: E402
-from compression.slots import SlotFormat  # noqa: E402
+from compression.settings import RetrievalSettings, SlotFormat  # noqa: E402
 from model import DEFAULT_CHECKPOINT, memory_pool  # noqa: E402
 from synthetic import bios  # noqa: E402
 

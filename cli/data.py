@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from cli.argtypes import non_negative_int
 from documents.model import Document
 from synthetic import bios, filler
 
@@ -30,13 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub.add_argument("--out", type=Path, required=True, help="output directory (created if missing)")
-    sub.add_argument("--train-people", type=_non_negative, default=10_000,
+    sub.add_argument("--train-people", type=non_negative_int, default=10_000,
                      help="training people (default 10000)")
-    sub.add_argument("--heldout-people", type=_non_negative, default=1_000,
+    sub.add_argument("--heldout-people", type=non_negative_int, default=1_000,
                      help="held-out people, with names never seen in training (default 1000)")
-    sub.add_argument("--filler-docs", type=_non_negative, default=5_000,
+    sub.add_argument("--filler-docs", type=non_negative_int, default=5_000,
                      help="training filler paragraphs (default 5000)")
-    sub.add_argument("--heldout-filler-docs", type=_non_negative, default=None,
+    sub.add_argument("--heldout-filler-docs", type=non_negative_int, default=None,
                      help="held-out filler paragraphs (default: a tenth of --filler-docs)")
     sub.add_argument("--seed", type=int, default=0, help="seed for people, texts and filler (default 0)")
 
@@ -103,10 +104,3 @@ def _write_jsonl(path: Path, documents: Iterable[Document], total: int) -> dict:
 def _name_pool_sizes(split: str) -> dict[str, int]:
     first_names, last_names = bios.name_pools(split)
     return {"first_names": len(first_names), "last_names": len(last_names)}
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value

@@ -17,7 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from compression.settings import RetrievalSettings
+from cli.argtypes import non_negative_int, positive_int
+from compression.settings import SLOT_DTYPES, RetrievalSettings, SlotFormat
 from model import DEFAULT_CHECKPOINT
 from synthetic import bios, filler
 
@@ -32,25 +33,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="checkpoint directory (default model/default)")
     sub.add_argument("--docs", type=Path, default=None,
                      help="JSONL documents with probes (default: held-out people)")
-    sub.add_argument("--people", type=int, default=100,
+    sub.add_argument("--people", type=positive_int, default=100,
                      help="held-out people probed without --docs (default 100)")
     sub.add_argument("--later", type=_later_list, default="0,1,5,10,20,50,100",
                      help="numbers of later injections to measure at (default 0,1,5,10,20,50,100)")
-    sub.add_argument("--filler-docs", type=int, default=50,
+    sub.add_argument("--filler-docs", type=non_negative_int, default=50,
                      help="held-out filler paragraphs for the LM loss (default 50; 0 to skip)")
     sub.add_argument("--seed", type=int, default=0, help="seed of the held-out draw and memory drops")
     sub.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:0, ...")
-    retrieval = RetrievalSettings()  # the defaults of --top-k and --keys
+    retrieval, slot_format = RetrievalSettings(), SlotFormat()  # the defaults of the bank's flags
     bank = sub.add_argument_group("memory bank")
     bank.add_argument("--bank", action="store_true",
                       help="also answer with retrieval from a memory bank fed by the same injections")
-    bank.add_argument("--top-k", type=int, default=retrieval.top_k,
+    bank.add_argument("--top-k", type=positive_int, default=retrieval.top_k,
                       help="most bank entries per question (default %(default)s)")
     bank.add_argument("--keys", default=retrieval.keys,
                       help="retrieval key index: bm25, dense, hybrid (default %(default)s)")
-    bank.add_argument("--slots", type=int, default=None, help="retrieval slots per layer (default: all K)")
-    bank.add_argument("--slot-dtype", choices=("float16", "int8"), default="float16",
-                      help="dtype of the retrieval slots (default float16)")
+    bank.add_argument("--slots", type=positive_int, default=slot_format.slots,
+                      help="retrieval slots per layer (default: all K)")
+    bank.add_argument("--slot-dtype", choices=SLOT_DTYPES, default=slot_format.dtype,
+                      help="dtype of the retrieval slots (default %(default)s)")
     sub.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
     sub.add_argument("--plot", type=Path, default=None, help="write the curve as a PNG here")
 
@@ -91,7 +93,6 @@ def run(args: argparse.Namespace) -> int:
         bank = None
         if args.bank:
             from compression.retrieval import StreamBank
-            from compression.slots import SlotFormat
 
             settings = RetrievalSettings(top_k=args.top_k, token_budget=args.top_k * model.config.num_tokens,
                                          keys=args.keys)

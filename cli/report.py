@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from cli.argtypes import positive_int
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("report.html"),
@@ -20,17 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="lowest acceptable mean exact match per age bucket (default 0.8)")
     parser.add_argument("--mode", choices=("bank", "pool"), default="bank",
                         help="retention checked: with the bank (default) or from the pool alone")
-    parser.add_argument("--window", type=_batches, default=50, help="batches averaged (default 50)")
+    parser.add_argument("--window", type=positive_int, default=50, help="batches averaged (default 50)")
     parser.add_argument("--mlflow-uri", default=None,
                         help="MLflow tracking URI (default: CKL_MLFLOW_URI, else .ckl/services.json)")
     parser.add_argument("--deployment", default=None,
                         help="read experiment ckl-<deployment> (default: CKL_DEPLOYMENT, else local)")
-
-
-def _batches(value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of batches >= 1, got {value!r}")
-    return int(value)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,7 +3,8 @@
 On start it loads the checkpoint, restores the newest valid snapshot (refusing corrupt ones), binds the
 port and writes `<state dir>/server.json` ({"pid", "url", ...}) so other commands can find it. Writes
 need the token in CKL_WRITE_TOKEN; without it the server answers queries but refuses writes.
-`ckl serve --stop` stops the server that server.json names.
+`ckl serve --stop` stops the server that server.json names. Numeric flags are checked when parsed
+(cli/argtypes.py): an impossible value exits with code 2 before anything is loaded.
 """
 
 import argparse
@@ -15,10 +16,11 @@ import threading
 import time
 from pathlib import Path
 
-from compression.settings import RetrievalSettings
+from cli.argtypes import non_negative_int, port_number, positive_float, positive_int
+from compression.settings import SLOT_DTYPES, RetrievalSettings, SlotFormat
 from model import DEFAULT_CHECKPOINT
+from serving.settings import DEFAULT_MAX_WAITING_QUERIES
 from serving.snapshots import CheckpointPolicy
-from serving.turns import DEFAULT_MAX_WAITING_QUERIES  # ServerSettings' default; torch-free for --help
 
 DEFAULT_PORT = 8400
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -27,9 +29,9 @@ log = logging.getLogger("ckl.serve")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    retrieval, checkpoints = RetrievalSettings(), CheckpointPolicy()
+    retrieval, slot_format, checkpoints = RetrievalSettings(), SlotFormat(), CheckpointPolicy()
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
                         help="port, 0 for any free one (default: %(default)s)")
     parser.add_argument("--model", type=Path, default=None,
                         help=f"checkpoint directory (default: the committed {DEFAULT_CHECKPOINT})")
@@ -38,31 +40,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
                         help="model dtype (default: the checkpoint's)")
-    parser.add_argument("--context-tokens", type=int, default=None,
-                        help="most tokens per injected context (default: the checkpoint's window)")
+    parser.add_argument("--context-tokens", type=positive_int, default=None,
+                        help="most tokens per injected context, 1 to the checkpoint's window (default: the "
+                             "window)")
     bank = parser.add_argument_group("memory bank and retrieval")
     bank.add_argument("--bank", default=None,
                       help="memory bank location, a path or object-store URI (default: .ckl/bank)")
     bank.add_argument("--no-retrieval", action="store_true",
                       help="answer from the pool alone unless a query asks for retrieval")
-    bank.add_argument("--top-k", type=int, default=retrieval.top_k,
+    bank.add_argument("--top-k", type=positive_int, default=retrieval.top_k,
                       help="most bank entries per question (default: %(default)s; see docs/bank.md)")
-    bank.add_argument("--retrieval-budget", type=int, default=retrieval.token_budget,
+    bank.add_argument("--retrieval-budget", type=positive_int, default=retrieval.token_budget,
                       help="most retrieved tokens per layer per question (default: %(default)s)")
     bank.add_argument("--keys", default=retrieval.keys,
                       help="retrieval key index: bm25, dense, hybrid (default: %(default)s)")
-    bank.add_argument("--slots", type=int, default=None,
+    bank.add_argument("--slots", type=positive_int, default=slot_format.slots,
                       help="retrieval slots kept per layer and entry (default: all K)")
-    bank.add_argument("--slot-dtype", choices=("float16", "int8"), default="float16",
-                      help="dtype of the retrieval slots (default: float16)")
-    bank.add_argument("--checkpoint-every", type=int, default=checkpoints.every_batches, metavar="BATCHES",
+    bank.add_argument("--slot-dtype", choices=SLOT_DTYPES, default=slot_format.dtype,
+                      help="dtype of the retrieval slots (default: %(default)s)")
+    bank.add_argument("--checkpoint-every", type=positive_int, default=checkpoints.every_batches,
+                      metavar="BATCHES",
                       help="write a full pool checkpoint every this many batches (default: %(default)s)")
-    bank.add_argument("--checkpoint-every-s", type=float, default=checkpoints.every_s, metavar="SECONDS",
+    bank.add_argument("--checkpoint-every-s", type=positive_float, default=checkpoints.every_s,
+                      metavar="SECONDS",
                       help="... or after this many seconds, whichever comes first (default: %(default)g)")
-    parser.add_argument("--max-waiting-queries", type=int, default=DEFAULT_MAX_WAITING_QUERIES, metavar="N",
+    parser.add_argument("--max-waiting-queries", type=non_negative_int, default=DEFAULT_MAX_WAITING_QUERIES,
+                        metavar="N",
                         help="most queries waiting for the model; one more gets 503 with Retry-After "
-                             "(writes are never refused for it; default: %(default)s)")
-    parser.add_argument("--follow", type=float, default=None, metavar="SECONDS",
+                             "(0: none wait, a query arriving while another is answered is refused; writes "
+                             "are never refused for it; default: %(default)s)")
+    parser.add_argument("--follow", type=positive_float, default=None, metavar="SECONDS",
                         help="run as a read replica of the writer whose --snapshots and --bank it shares: "
                              "refuse writes, catch up with its checkpoints and bank every SECONDS")
     parser.add_argument("--stop", action="store_true",
@@ -83,7 +90,6 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from compression.bank import BankError
-    from compression.slots import SlotFormat
     from serving.app import create_app
     from serving.client import SERVER_FILE
     from serving.metrics import ServerMetrics

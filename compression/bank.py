@@ -10,7 +10,8 @@ An entry holds what its injection did to the pool and what retrieval needs of it
                  context of T < K tokens): readers take k from the bytes
     dropped      the pool indices that injection dropped ([K], or [L, K] when every layer drops its own);
                  null for the injection that filled an empty pool by tiling
-    slots, slot_scale   the retrieval copy (compression.slots.SlotFormat): min(S, k) tokens per layer
+    slots, slot_scale   the retrieval copy (compression/slots.py, in the format of a
+                 compression.settings.SlotFormat): min(S, k) tokens per layer
 
 `version` is the server's memory version of the batch that applied the entry; truncating to a version
 deletes the later entries (a rollback). Every append is one Lance commit: its data files are written
@@ -33,7 +34,16 @@ import pyarrow.compute as pc
 import torch
 from lance.fragment import write_fragments
 
-from compression.slots import DTYPES, SlotFormat, tensor_from_bytes, tensor_to_bytes, token_count
+from compression.settings import SlotFormat
+from compression.slots import (
+    DTYPES,
+    decode_slots,
+    encode_slots,
+    slot_count,
+    tensor_from_bytes,
+    tensor_to_bytes,
+    token_count,
+)
 
 FORMAT = "ckl-bank/1"
 
@@ -208,12 +218,12 @@ class MemoryBank:
         columns = (table.column(name).to_pylist() for name in ("seq", "slots", "slot_scale"))
         for seq, values, scales in zip(*columns, strict=True):
             try:
-                count = slot_format.slot_count(values, layers, hidden)
+                count = slot_count(slot_format, values, layers, hidden)
             except ValueError as error:
                 raise BankError(f"entry {seq}: unreadable retrieval slots: {error}") from None
             if count > self.layout.slots:
                 raise BankError(f"entry {seq}: {count} retrieval slots, the bank keeps {self.layout.slots}")
-            decoded.append(slot_format.decode(values, scales, (layers, count, hidden)))
+            decoded.append(decode_slots(slot_format, values, scales, (layers, count, hidden)))
         return decoded
 
     def infos(self, seqs: Sequence[int] | None = None, where: str | None = None) -> list[dict]:
@@ -300,7 +310,7 @@ class MemoryBank:
     def write_fragments(self, entries: Sequence[NewEntry], seqs: Sequence[int], version: int) -> list:
         """The data files (Lance fragments) of entries, not yet part of the dataset (see PendingAppend)."""
         now = datetime.now(UTC)
-        slot_values, slot_scales = zip(*(self.layout.slot_format.encode(e.tokens) for e in entries),
+        slot_values, slot_scales = zip(*(encode_slots(self.layout.slot_format, e.tokens) for e in entries),
                                        strict=True)
         columns = {
             "seq": list(seqs),

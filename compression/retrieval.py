@@ -13,8 +13,8 @@ import torch
 
 from compression.bank import BankLayout, MemoryBank, NewEntry
 from compression.keys import KeyIndex, make_index
-from compression.settings import RetrievalSettings
-from compression.slots import SlotFormat, dtype_name
+from compression.settings import RetrievalSettings, SlotFormat
+from compression.slots import dtype_name
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,18 @@
-"""Every knob of the model server in one object: where the model and snapshots are, tokens, limits."""
+"""Every knob of the model server in one object: where the model and snapshots are, tokens, limits; and the
+env names of the tokens. Kept free of torch, so that `ckl serve --help` shows its defaults and
+serving/process.py reads the env names without loading the model stack."""
 
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compression.settings import RetrievalSettings
-from compression.slots import SlotFormat
+from compression.settings import RetrievalSettings, SlotFormat
 from documents.model import DEFAULT_MAX_TEXT_CHARS
 from serving.snapshots import CheckpointPolicy
-from serving.turns import DEFAULT_MAX_WAITING_QUERIES
 
 WRITE_TOKEN_ENV = "CKL_WRITE_TOKEN"
 READ_TOKEN_ENV = "CKL_READ_TOKEN"
+DEFAULT_MAX_WAITING_QUERIES = 64  # queries waiting for the model beyond those handed to it; more get 503
 
 
 @dataclass(frozen=True)

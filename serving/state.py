@@ -37,8 +37,7 @@ import torch
 from compression.bank import BankLayout, MemoryBank, NewEntry
 from compression.replay import replay
 from compression.retrieval import Retrieved, Retriever
-from compression.settings import RetrievalSettings
-from compression.slots import SlotFormat
+from compression.settings import RetrievalSettings, SlotFormat
 from model import MemoryStateError
 from model.contexts import split_contexts
 from model.prompts import extract_answer, format_question

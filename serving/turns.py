@@ -6,15 +6,13 @@ a query waits for at most one context of a batch. (Python's Lock gives no such o
 releases it can take it straight back.)
 
 How many queries may wait for a turn at all is the server's cap (`ServerSettings.max_waiting_queries`,
-serving/app.py); its default lives here, where `ckl serve --help` can read it without importing torch.
+its default in serving/settings.py; enforced in serving/app.py).
 """
 
 import threading
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-DEFAULT_MAX_WAITING_QUERIES = 64  # queries waiting for the model beyond those handed to it; more get 503
 
 
 class ModelTurns:

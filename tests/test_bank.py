@@ -12,7 +12,7 @@ import torch
 
 from compression.bank import BankError, BankLayout, MemoryBank, NewEntry
 from compression.replay import replay
-from compression.slots import SlotFormat
+from compression.settings import SlotFormat
 from model import memory_pool
 
 LAYERS, K, HIDDEN, POOL = 2, 4, 8, 16

@@ -1,10 +1,15 @@
-"""The `ckl` command hub: every command listed, only the chosen one imported."""
+"""The `ckl` command hub: every command listed, only the chosen one imported; `--help` without torch; flag
+values checked when parsed (cli/argtypes.py)."""
 
 import json
 import subprocess
 import sys
 
-from cli.main import COMMANDS
+import pytest
+
+from cli.main import COMMANDS, build_parser
+from compression.settings import SLOT_DTYPES, SlotFormat
+from serving.settings import DEFAULT_MAX_WAITING_QUERIES
 
 REPORT_IMPORTS = """
 import json
@@ -38,3 +43,94 @@ def test_a_command_imports_its_own_module_only():
     assert "TOPIC" in help_text and "cli.produce" in modules
     assert not {"cli.ingest", "cli.rollback", "cli.serve"} & set(modules)
     assert "torch" not in modules and "airflow" not in modules
+
+
+@pytest.mark.parametrize("argv", [("serve", "--help"), ("eval", "retention", "--help")])
+def test_help_of_the_model_commands_shows_their_defaults_without_torch(argv):
+    help_text, modules = imported_by(*argv)
+    assert "--slot-dtype" in help_text and "float16" in help_text
+    assert "torch" not in modules
+
+
+@pytest.mark.parametrize("module", ["compression.settings", "serving.settings", "serving.process"])
+def test_settings_and_the_server_process_import_without_torch(module):
+    check = f"import sys, {module}; assert 'torch' not in sys.modules, 'torch imported'"
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def parse(*argv: str):
+    return build_parser(argv[0]).parse_args(argv)
+
+
+@pytest.mark.parametrize("flag,value,allowed", [
+    ("--port", "-1", "an integer from 0 to 65535"),
+    ("--port", "65536", "an integer from 0 to 65535"),
+    ("--context-tokens", "0", "an integer >= 1"),
+    ("--top-k", "0", "an integer >= 1"),
+    ("--retrieval-budget", "-5", "an integer >= 1"),
+    ("--slots", "0", "an integer >= 1"),
+    ("--checkpoint-every", "0", "an integer >= 1"),
+    ("--checkpoint-every", "2.5", "an integer >= 1"),
+    ("--checkpoint-every-s", "0", "a finite number > 0"),
+    ("--checkpoint-every-s", "nan", "a finite number > 0"),
+    ("--max-waiting-queries", "-1", "an integer >= 0"),
+    ("--max-waiting-queries", "many", "an integer >= 0"),
+    ("--follow", "-2", "a finite number > 0"),
+    ("--follow", "inf", "a finite number > 0"),
+])
+def test_serve_refuses_an_impossible_value_naming_the_flag_and_the_range(capsys, flag, value, allowed):
+    with pytest.raises(SystemExit) as exit_:
+        parse("serve", f"{flag}={value}")
+    assert exit_.value.code == 2
+    assert f"argument {flag}: expected {allowed}, got {value!r}" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_slot_dtype_the_settings_do_not_know(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse("serve", "--slot-dtype", "int4")
+    assert exit_.value.code == 2
+    assert "argument --slot-dtype: invalid choice: 'int4'" in capsys.readouterr().err
+
+
+def test_serve_parses_good_values_and_takes_its_defaults_from_the_settings():
+    args = parse("serve", "--port", "0", "--context-tokens", "64", "--top-k", "2", "--retrieval-budget",
+                 "256", "--slots", "8", "--slot-dtype", "int8", "--checkpoint-every", "1",
+                 "--checkpoint-every-s", "0.5", "--max-waiting-queries", "0", "--follow", "2")
+    assert (args.port, args.context_tokens, args.top_k, args.retrieval_budget, args.slots, args.slot_dtype,
+            args.checkpoint_every, args.checkpoint_every_s, args.max_waiting_queries, args.follow) == (
+        0, 64, 2, 256, 8, "int8", 1, 0.5, 0, 2.0)
+    defaults = parse("serve")
+    assert (defaults.slots, defaults.slot_dtype) == (SlotFormat().slots, SlotFormat().dtype)
+    assert defaults.max_waiting_queries == DEFAULT_MAX_WAITING_QUERIES
+    assert SlotFormat().dtype in SLOT_DTYPES
+
+
+@pytest.mark.parametrize("flag,value,allowed", [
+    ("--people", "0", "an integer >= 1"),
+    ("--filler-docs", "-1", "an integer >= 0"),
+    ("--top-k", "0", "an integer >= 1"),
+    ("--slots", "-3", "an integer >= 1"),
+])
+def test_eval_retention_refuses_an_impossible_value(capsys, flag, value, allowed):
+    with pytest.raises(SystemExit) as exit_:
+        parse("eval", "retention", f"{flag}={value}")
+    assert exit_.value.code == 2
+    assert f"argument {flag}: expected {allowed}, got {value!r}" in capsys.readouterr().err
+
+
+def test_eval_retention_parses_good_values():
+    args = parse("eval", "retention", "--people", "3", "--filler-docs", "0", "--top-k", "2", "--slots", "4",
+                 "--slot-dtype", "int8")
+    assert (args.people, args.filler_docs, args.top_k, args.slots, args.slot_dtype) == (3, 0, 2, 4, "int8")
+
+
+@pytest.mark.parametrize("argv,flag,allowed", [
+    (("report", "--window=0"), "--window", "an integer >= 1"),
+    (("data", "bios", "--out=x", "--train-people=-1"), "--train-people", "an integer >= 0"),
+])
+def test_the_other_commands_share_the_same_checks(capsys, argv, flag, allowed):
+    with pytest.raises(SystemExit) as exit_:
+        parse(*argv)
+    assert exit_.value.code == 2
+    assert f"argument {flag}: expected {allowed}" in capsys.readouterr().err

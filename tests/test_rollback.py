@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 from tiny_checkpoint import make_tiny_checkpoint
 
-from compression.settings import RetrievalSettings
-from compression.slots import SlotFormat
+from compression.settings import RetrievalSettings, SlotFormat
 from monitoring.probes import BUCKETS, ProbeBudget, bucket_seqs, probe_metrics, sample_probes, token_f1
 from serving.lineage import load_lineage
 from serving.runner import ModelRunner

@@ -18,8 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from tiny_checkpoint import make_tiny_checkpoint
 
-from compression.settings import RetrievalSettings
-from compression.slots import SlotFormat
+from compression.settings import RetrievalSettings, SlotFormat
 from serving.app import create_app
 from serving.client import ModelServerClient, ServerError
 from serving.metrics import ServerMetrics

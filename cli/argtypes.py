@@ -1,0 +1,48 @@
+"""argparse `type=` helpers that check a flag's value at parse time, shared by the command modules.
+
+A value out of range (or not a number) is an argparse error: exit code 2 and a message naming the flag and
+the allowed range, e.g. `ckl serve: error: argument --top-k: expected an integer >= 1, got '0'`. Torch-free,
+so `ckl COMMAND --help` stays cheap.
+"""
+
+import argparse
+import math
+
+MAX_PORT = 65_535
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    return _int_in_range(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (for flags where 0 means something: none, or skip)."""
+    return _int_in_range(text, 0)
+
+
+def port_number(text: str) -> int:
+    """A TCP port, 0 (any free one) to 65535."""
+    return _int_in_range(text, 0, MAX_PORT)
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (seconds, intervals)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _int_in_range(text: str, low: int, high: int | None = None) -> int:
+    allowed = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}") from None
+    if value < low or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
+    return value
