@@ -28,13 +28,34 @@ def port_number(text: str) -> int:
 
 def positive_float(text: str) -> float:
     """A finite number > 0 (seconds, intervals)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
+    value = _float(text)
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value
+
+
+def fraction(text: str) -> float:
+    """A number from 0 to 1, both ends included (a rate such as an exact-match threshold)."""
+    value = _float(text)
+    if not 0 <= value <= 1:  # NaN fails every comparison
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return value
+
+
+def open_fraction(text: str) -> float:
+    """A number > 0 and < 1, both ends excluded (a share of which neither none nor all is usable)."""
+    value = _float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 and < 1, got {text!r}")
+    return value
+
+
+def _float(text: str) -> float:
+    """`text` as a float; NaN (which no range check passes) when it is not a number."""
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
 
 
 def _int_in_range(text: str, low: int, high: int | None = None) -> int:

@@ -8,6 +8,8 @@ import argparse
 import json
 import sys
 
+from cli.argtypes import non_negative_int
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bank", default=None, help="bank path or URI (default: .ckl/bank)")
@@ -17,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ls.add_argument("--source", default=None, help="only entries from this source")
     ls.add_argument("--since", default=None, metavar="ISO-8601",
                     help="only entries appended at or after this UTC time (e.g. 2026-12-01T00:00)")
-    ls.add_argument("--limit", type=int, default=20, help="most entries to print (default 20; 0: all)")
+    ls.add_argument("--limit", type=non_negative_int, default=20,
+                    help="most entries to print (default 20; 0: all)")
     ls.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     show = actions.add_parser("show", help="one document's entries: text, probes, Kafka position",
                               description="Show every entry of one document.")

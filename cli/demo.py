@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from cli.argtypes import positive_int
 from localservices.airflow import airflow_environment, migrate, run_dag
 from localservices.stack import LocalServices
 from model import DEFAULT_CHECKPOINT
@@ -86,13 +87,19 @@ def _marked(answer: str, ok: bool) -> str:
     return f"{answer} {'ok' if ok else 'x'}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--people", type=int, default=40, help="biographies to publish (default: 40)")
-    parser.add_argument("--batch-size", type=int, default=16, help="messages per DAG run (default: 16)")
+    parser.add_argument("--people", type=positive_int, default=40,
+                        help="biographies to publish (default: 40)")
+    parser.add_argument("--batch-size", type=positive_int, default=16,
+                        help="messages per DAG run (default: 16)")
     parser.add_argument("--model", type=Path, default=DEFAULT_CHECKPOINT, help="checkpoint directory")
     parser.add_argument("--seed", type=int, default=None, help="stream seed (default: a new one per run)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     seed = args.seed if args.seed is not None else int(time.time())
     total, started = 6, time.monotonic()
     state = state_dir()

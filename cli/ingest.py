@@ -2,6 +2,7 @@
 
 import argparse
 
+from cli.argtypes import non_negative_int, open_fraction, positive_float, positive_int
 from pipelines import settings
 
 
@@ -15,15 +16,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="topic to consume (default: %(default)s)")
     parser.add_argument("--group", default=settings.DEFAULT_GROUP,
                         help="consumer group (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=settings.DEFAULT_BATCH_SIZE,
+    parser.add_argument("--batch-size", type=positive_int, default=settings.DEFAULT_BATCH_SIZE,
                         help="messages per batch (default: %(default)s)")
-    parser.add_argument("--poll-timeout", type=float, default=settings.DEFAULT_POLL_TIMEOUT_S,
+    parser.add_argument("--poll-timeout", type=positive_float, default=settings.DEFAULT_POLL_TIMEOUT_S,
                         help="seconds a poll waits for the first message; an empty poll ends --until-drained "
                              "(default: %(default)s)")
-    parser.add_argument("--probe-questions", type=int, default=settings.DEFAULT_PROBE_QUESTIONS,
+    parser.add_argument("--probe-questions", type=non_negative_int, default=settings.DEFAULT_PROBE_QUESTIONS,
                         help="retention probe questions after each batch, 0 for none (default: %(default)s)")
-    parser.add_argument("--probe-share", type=float, default=settings.DEFAULT_PROBE_SHARE,
-                        help="probing's time budget as a share of batch time (default: %(default)s)")
+    parser.add_argument("--probe-share", type=open_fraction, default=settings.DEFAULT_PROBE_SHARE,
+                        help="probing's time budget as a share of batch time, above 0 and below 1 "
+                             "(default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from cli.argtypes import positive_int
 from pipelines.kafka_io import DOCUMENT_TOPICS
 
 
@@ -22,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Kafka bootstrap server (default: kafka_bootstrap of .ckl/services.json)")
     parser.add_argument("--key-field", default="doc_id",
                         help="JSON field used as the message key (default: doc_id)")
-    parser.add_argument("--partitions", type=int,
+    parser.add_argument("--partitions", type=positive_int,
                         help="partition count if the topic must be created (default: 3 for ckl.docs, else 1)")
 
 

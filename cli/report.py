@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cli.argtypes import positive_int
+from cli.argtypes import fraction, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,8 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="HTML file (default report.html)")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 on a retention alert; set (or clear) the newest lineage's ckl.alert tag")
-    parser.add_argument("--threshold", type=float, default=0.8,
-                        help="lowest acceptable mean exact match per age bucket (default 0.8)")
+    parser.add_argument("--threshold", type=fraction, default=0.8,
+                        help="lowest acceptable mean exact match per age bucket, 0 to 1 (default 0.8; "
+                             "0: never alert)")
     parser.add_argument("--mode", choices=("bank", "pool"), default="bank",
                         help="retention checked: with the bank (default) or from the pool alone")
     parser.add_argument("--window", type=positive_int, default=50, help="batches averaged (default 50)")

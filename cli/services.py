@@ -14,6 +14,7 @@ import json
 import time
 from dataclasses import asdict
 
+from cli.argtypes import positive_float
 from localservices.stack import LocalServices
 from runtime.supervisor import DEFAULT_READY_TIMEOUT_S, ServiceError, ServiceStatus
 
@@ -22,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("action", choices=["up", "down", "status"], help="what to do")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_READY_TIMEOUT_S,
+    parser.add_argument("--timeout", type=positive_float, default=DEFAULT_READY_TIMEOUT_S,
                         help=f"seconds to wait for each service (default {DEFAULT_READY_TIMEOUT_S:.0f})")
     parser.add_argument("--json", action="store_true", help="status as JSON")
 

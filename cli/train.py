@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from cli.argtypes import positive_int
 from model import DEFAULT_CHECKPOINT
 from runtime.paths import cache_dir
 
@@ -24,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="recipe and model shape (default: the committed default model's)")
     parser.add_argument("--out", type=Path, default=DEFAULT_CHECKPOINT,
                         help="checkpoint directory (default model/default)")
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--steps", type=positive_int, default=None,
                         help="stop after this many more steps (default: to the end of the preset)")
     parser.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
     parser.add_argument("--seed", type=int, default=None, help="override the preset's seed")

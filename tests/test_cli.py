@@ -1,14 +1,19 @@
 """The `ckl` command hub: every command listed, only the chosen one imported; `--help` without torch; flag
 values checked when parsed (cli/argtypes.py)."""
 
+import argparse
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
+from cli.argtypes import fraction, open_fraction
 from cli.main import COMMANDS, build_parser
 from compression.settings import SLOT_DTYPES, SlotFormat
+from pipelines import settings
+from runtime.supervisor import DEFAULT_READY_TIMEOUT_S
 from serving.settings import DEFAULT_MAX_WAITING_QUERIES
 
 REPORT_IMPORTS = """
@@ -134,3 +139,81 @@ def test_the_other_commands_share_the_same_checks(capsys, argv, flag, allowed):
         parse(*argv)
     assert exit_.value.code == 2
     assert f"argument {flag}: expected {allowed}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,flag,value,allowed", [
+    (("ingest",), "--batch-size", "0", "an integer >= 1"),
+    (("ingest",), "--poll-timeout", "0", "a finite number > 0"),
+    (("ingest",), "--poll-timeout", "-1.5", "a finite number > 0"),
+    (("ingest",), "--probe-questions", "-1", "an integer >= 0"),
+    (("ingest",), "--probe-share", "0", "a number > 0 and < 1"),
+    (("ingest",), "--probe-share", "1", "a number > 0 and < 1"),
+    (("ingest",), "--probe-share", "nan", "a number > 0 and < 1"),
+    (("services", "up"), "--timeout", "0", "a finite number > 0"),
+    (("services", "up"), "--timeout", "inf", "a finite number > 0"),
+    (("bank", "ls"), "--limit", "-1", "an integer >= 0"),
+    (("produce", "ckl.docs", "docs.jsonl"), "--partitions", "0", "an integer >= 1"),
+    (("train",), "--steps", "0", "an integer >= 1"),
+    (("train",), "--steps", "ten", "an integer >= 1"),
+    (("report",), "--threshold", "-0.1", "a number from 0 to 1"),
+    (("report",), "--threshold", "80", "a number from 0 to 1"),
+])
+def test_every_command_refuses_an_impossible_value_naming_the_flag_and_the_range(capsys, argv, flag, value,
+                                                                                 allowed):
+    with pytest.raises(SystemExit) as exit_:
+        parse(*argv, f"{flag}={value}")
+    assert exit_.value.code == 2
+    assert f"argument {flag}: expected {allowed}, got {value!r}" in capsys.readouterr().err
+
+
+def test_ingest_parses_good_values_and_keeps_the_settings_defaults():
+    args = parse("ingest", "--batch-size", "1", "--poll-timeout", "0.5", "--probe-questions", "0",
+                 "--probe-share", "0.9")
+    assert (args.batch_size, args.poll_timeout, args.probe_questions, args.probe_share) == (1, 0.5, 0, 0.9)
+    defaults = parse("ingest")
+    assert (defaults.batch_size, defaults.poll_timeout, defaults.probe_questions, defaults.probe_share) == (
+        settings.DEFAULT_BATCH_SIZE, settings.DEFAULT_POLL_TIMEOUT_S, settings.DEFAULT_PROBE_QUESTIONS,
+        settings.DEFAULT_PROBE_SHARE)
+
+
+def test_the_other_commands_parse_good_values_and_keep_their_defaults():
+    assert parse("services", "up", "--timeout", "0.5").timeout == 0.5
+    assert parse("services", "status").timeout == DEFAULT_READY_TIMEOUT_S
+    assert (parse("bank", "ls", "--limit", "0").limit, parse("bank", "ls").limit) == (0, 20)
+    produce = ("produce", "ckl.docs", "docs.jsonl")
+    assert (parse(*produce, "--partitions", "1").partitions, parse(*produce).partitions) == (1, None)
+    assert (parse("train", "--steps", "1").steps, parse("train").steps) == (1, None)
+    thresholds = [parse("report", "--threshold", value).threshold for value in ("0", "0.5", "1")]
+    assert thresholds + [parse("report").threshold] == [0.0, 0.5, 1.0, 0.8]
+
+
+@pytest.mark.parametrize("flag,value", [("--people", "0"), ("--batch-size", "-16")])
+def test_demo_refuses_an_impossible_value_before_starting_anything(capsys, flag, value):
+    from cli import demo
+
+    with pytest.raises(SystemExit) as exit_:
+        demo.main([f"{flag}={value}"])
+    assert exit_.value.code == 2
+    assert f"argument {flag}: expected an integer >= 1, got {value!r}" in capsys.readouterr().err
+
+
+def test_demo_parses_good_values_and_keeps_its_defaults():
+    from cli import demo
+
+    args = demo.build_parser().parse_args(["--people", "1", "--batch-size", "1", "--seed", "-3"])
+    assert (args.people, args.batch_size, args.seed) == (1, 1, -3)
+    defaults = demo.build_parser().parse_args([])
+    assert (defaults.people, defaults.batch_size, defaults.seed) == (40, 16, None)
+
+
+@pytest.mark.parametrize("helper,good,bad,allowed", [
+    (fraction, {"0": 0.0, "0.25": 0.25, "1": 1.0, "1e-3": 0.001},
+     ["-0.1", "1.01", "nan", "inf", "half", ""], "a number from 0 to 1"),
+    (open_fraction, {"0.25": 0.25, "1e-9": 1e-9, "0.999": 0.999},
+     ["0", "1", "-0.5", "2", "nan", "-inf", "a quarter"], "a number > 0 and < 1"),
+])
+def test_the_fraction_helpers_take_their_range_and_refuse_the_rest(helper, good, bad, allowed):
+    assert {text: helper(text) for text in good} == good
+    for text in bad:
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(f"expected {allowed}, got {text!r}")):
+            helper(text)
