@@ -2,6 +2,7 @@
 env names of the tokens. Kept free of torch, so that `ckl serve --help` shows its defaults and
 serving/process.py reads the env names without loading the model stack."""
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,17 @@ class ServerSettings:
     slot_format: SlotFormat = SlotFormat()
     checkpoints: CheckpointPolicy = CheckpointPolicy()
     follow_s: float | None = None  # a read replica: seconds between catch-ups with the writer
+
+    def __post_init__(self):
+        minimum = {"max_question_chars": 1, "max_new_tokens": 1, "max_batch_documents": 1,
+                   "max_body_bytes": 1, "max_text_chars": 1, "query_concurrency": 1, "max_waiting_queries": 0}
+        for name, low in minimum.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be at least {low}, got {getattr(self, name)}")
+        if self.context_tokens is not None and self.context_tokens < 1:
+            raise ValueError(f"context_tokens must be at least 1 (or None), got {self.context_tokens}")
+        if self.follow_s is not None and not 0 < self.follow_s < math.inf:
+            raise ValueError(f"follow_s must be finite seconds > 0 (or None), got {self.follow_s}")
 
     @property
     def bank(self) -> str:

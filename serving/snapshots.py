@@ -18,6 +18,7 @@ version then time, so the newest snapshot is the last name.
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -63,6 +64,11 @@ class CheckpointPolicy:
 
     every_batches: int = 50
     every_s: float = 600.0
+
+    def __post_init__(self):
+        if self.every_batches < 1 or not 0 < self.every_s < math.inf:
+            raise ValueError(f"checkpoint every >= 1 batches and a finite number of seconds > 0: "
+                             f"{self.every_batches}, {self.every_s}")
 
 
 @dataclass(frozen=True)

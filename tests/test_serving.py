@@ -30,6 +30,7 @@ from serving.snapshots import (
     LEDGER_FILE,
     MEMORY_FILE,
     TEMP_PREFIX,
+    CheckpointPolicy,
     CorruptSnapshot,
     list_snapshots,
     prune,
@@ -661,3 +662,23 @@ def test_stop_running_server_shuts_down_the_server_its_state_dir_names(checkpoin
         assert not (server.state / "server.json").exists()
     finally:
         server.kill()
+
+
+@pytest.mark.parametrize("values,field", [
+    ({"max_new_tokens": 0}, "max_new_tokens"), ({"query_concurrency": 0}, "query_concurrency"),
+    ({"max_body_bytes": -1}, "max_body_bytes"), ({"max_waiting_queries": -1}, "max_waiting_queries"),
+    ({"context_tokens": 0}, "context_tokens"), ({"follow_s": 0.0}, "follow_s"),
+    ({"follow_s": math.inf}, "follow_s"),
+])
+def test_server_settings_refuse_impossible_limits_by_name(tmp_path, values, field):
+    with pytest.raises(ValueError, match=field):
+        ServerSettings(tmp_path, tmp_path / "snapshots", **values)
+    allowed = ServerSettings(tmp_path, tmp_path / "snapshots", max_waiting_queries=0, follow_s=0.5)
+    assert (allowed.max_waiting_queries, allowed.follow_s) == (0, 0.5)
+
+
+@pytest.mark.parametrize("every_batches,every_s", [(0, 60.0), (10, 0.0), (10, math.inf), (10, math.nan)])
+def test_checkpoint_policy_refuses_impossible_intervals(every_batches, every_s):
+    with pytest.raises(ValueError, match="checkpoint every"):
+        CheckpointPolicy(every_batches, every_s)
+    assert CheckpointPolicy(1, 0.5).every_batches == 1
