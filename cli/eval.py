@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from cli.argtypes import non_negative_int, positive_int
-from compression.settings import SLOT_DTYPES, RetrievalSettings, SlotFormat
+from compression.settings import KEY_KINDS, SLOT_DTYPES, RetrievalSettings, SlotFormat
 from model import DEFAULT_CHECKPOINT
 from synthetic import bios, filler
 
@@ -47,8 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="also answer with retrieval from a memory bank fed by the same injections")
     bank.add_argument("--top-k", type=positive_int, default=retrieval.top_k,
                       help="most bank entries per question (default %(default)s)")
-    bank.add_argument("--keys", default=retrieval.keys,
-                      help="retrieval key index: bm25, dense, hybrid (default %(default)s)")
+    bank.add_argument("--keys", choices=KEY_KINDS, default=retrieval.keys,
+                      help="retrieval key index (default %(default)s)")
     bank.add_argument("--slots", type=positive_int, default=slot_format.slots,
                       help="retrieval slots per layer (default: all K)")
     bank.add_argument("--slot-dtype", choices=SLOT_DTYPES, default=slot_format.dtype,

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from cli.argtypes import non_negative_int, port_number, positive_float, positive_int
-from compression.settings import SLOT_DTYPES, RetrievalSettings, SlotFormat
+from compression.settings import KEY_KINDS, SLOT_DTYPES, RetrievalSettings, SlotFormat
 from model import DEFAULT_CHECKPOINT
 from serving.settings import DEFAULT_MAX_WAITING_QUERIES
 from serving.snapshots import CheckpointPolicy
@@ -52,8 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="most bank entries per question (default: %(default)s; see docs/bank.md)")
     bank.add_argument("--retrieval-budget", type=positive_int, default=retrieval.token_budget,
                       help="most retrieved tokens per layer per question (default: %(default)s)")
-    bank.add_argument("--keys", default=retrieval.keys,
-                      help="retrieval key index: bm25, dense, hybrid (default: %(default)s)")
+    bank.add_argument("--keys", choices=KEY_KINDS, default=retrieval.keys,
+                      help="retrieval key index (default: %(default)s)")
     bank.add_argument("--slots", type=positive_int, default=slot_format.slots,
                       help="retrieval slots kept per layer and entry (default: all K)")
     bank.add_argument("--slot-dtype", choices=SLOT_DTYPES, default=slot_format.dtype,

@@ -28,8 +28,8 @@ from typing import Protocol
 import bm25s
 import numpy as np
 
-KINDS = ("bm25", "dense", "hybrid")
-DEFAULT_KIND = "bm25"
+from compression.settings import KEY_KINDS, RetrievalSettings
+
 _BLOCK = 1024  # _top_k: block size of its candidate bound
 
 Hits = list[tuple[int, float]]
@@ -56,7 +56,7 @@ class KeyIndex(Protocol):
     def __len__(self) -> int: ...
 
 
-def make_index(kind: str = DEFAULT_KIND, **options) -> KeyIndex:
+def make_index(kind: str = RetrievalSettings.keys, **options) -> KeyIndex:
     """A new empty index of `kind` ("bm25", "dense" or "hybrid"); options go to its class.
 
     bm25: `BM25Index` (k1, b, min_tail, tail_fraction); dense: `DenseIndex` (encoder, device, ann, nlist,
@@ -69,7 +69,7 @@ def make_index(kind: str = DEFAULT_KIND, **options) -> KeyIndex:
     if kind == "hybrid":
         lexical, dense = options.pop("bm25", {}), options.pop("dense", {})
         return HybridIndex(BM25Index(**lexical), DenseIndex(**dense), **options)
-    raise ValueError(f"unknown key index kind {kind!r} (one of {', '.join(KINDS)})")
+    raise ValueError(f"unknown key index kind {kind!r} (one of {', '.join(KEY_KINDS)})")
 
 
 class BM25Index:

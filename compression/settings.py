@@ -5,6 +5,7 @@
 from dataclasses import dataclass
 
 SLOT_DTYPES = ("float16", "int8")
+KEY_KINDS = ("bm25", "dense", "hybrid")  # retrieval key indexes (compression/keys.py)
 
 
 @dataclass(frozen=True)
@@ -14,11 +15,13 @@ class RetrievalSettings:
     enabled: bool = True
     top_k: int = 1
     token_budget: int = 512
-    keys: str = "bm25"
+    keys: str = "bm25"  # one of KEY_KINDS
 
     def __post_init__(self):
         if self.top_k < 1 or self.token_budget < 1:
             raise ValueError(f"top_k and token_budget must be positive: {self.top_k}, {self.token_budget}")
+        if self.keys not in KEY_KINDS:
+            raise ValueError(f"unknown key index kind {self.keys!r} (one of {', '.join(KEY_KINDS)})")
 
 
 @dataclass(frozen=True)

@@ -91,11 +91,15 @@ def test_serve_refuses_an_impossible_value_naming_the_flag_and_the_range(capsys,
     assert f"argument {flag}: expected {allowed}, got {value!r}" in capsys.readouterr().err
 
 
-def test_serve_refuses_a_slot_dtype_the_settings_do_not_know(capsys):
+@pytest.mark.parametrize("argv,flag,value", [
+    (("serve",), "--slot-dtype", "int4"), (("serve",), "--keys", "tfidf"),
+    (("eval", "retention"), "--keys", "tfidf"),
+])
+def test_choices_the_settings_do_not_know_are_refused(capsys, argv, flag, value):
     with pytest.raises(SystemExit) as exit_:
-        parse("serve", "--slot-dtype", "int4")
+        parse(*argv, flag, value)
     assert exit_.value.code == 2
-    assert "argument --slot-dtype: invalid choice: 'int4'" in capsys.readouterr().err
+    assert f"argument {flag}: invalid choice: {value!r}" in capsys.readouterr().err
 
 
 def test_serve_parses_good_values_and_takes_its_defaults_from_the_settings():

@@ -18,7 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from tiny_checkpoint import make_tiny_checkpoint
 
-from compression.settings import RetrievalSettings, SlotFormat
+from compression.settings import KEY_KINDS, RetrievalSettings, SlotFormat
 from serving.app import create_app
 from serving.client import ModelServerClient, ServerError
 from serving.metrics import ServerMetrics
@@ -675,6 +675,12 @@ def test_server_settings_refuse_impossible_limits_by_name(tmp_path, values, fiel
         ServerSettings(tmp_path, tmp_path / "snapshots", **values)
     allowed = ServerSettings(tmp_path, tmp_path / "snapshots", max_waiting_queries=0, follow_s=0.5)
     assert (allowed.max_waiting_queries, allowed.follow_s) == (0, 0.5)
+
+
+def test_retrieval_settings_refuse_an_unknown_key_index():
+    with pytest.raises(ValueError, match="unknown key index kind 'tfidf'"):
+        RetrievalSettings(keys="tfidf")
+    assert [RetrievalSettings(keys=kind).keys for kind in KEY_KINDS] == list(KEY_KINDS)
 
 
 @pytest.mark.parametrize("every_batches,every_s", [(0, 60.0), (10, 0.0), (10, math.inf), (10, math.nan)])
