@@ -18,7 +18,8 @@ import tempfile
 from pathlib import Path
 
 from cli.argtypes import non_negative_int, positive_int
-from compression.settings import KEY_KINDS, SLOT_DTYPES, RetrievalSettings, SlotFormat
+from cli.serve import add_retrieval_arguments
+from compression.settings import RetrievalSettings, SlotFormat
 from model import DEFAULT_CHECKPOINT
 from synthetic import bios, filler
 
@@ -41,18 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="held-out filler paragraphs for the LM loss (default 50; 0 to skip)")
     sub.add_argument("--seed", type=int, default=0, help="seed of the held-out draw and memory drops")
     sub.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:0, ...")
-    retrieval, slot_format = RetrievalSettings(), SlotFormat()  # the defaults of the bank's flags
     bank = sub.add_argument_group("memory bank")
     bank.add_argument("--bank", action="store_true",
                       help="also answer with retrieval from a memory bank fed by the same injections")
-    bank.add_argument("--top-k", type=positive_int, default=retrieval.top_k,
-                      help="most bank entries per question (default %(default)s)")
-    bank.add_argument("--keys", choices=KEY_KINDS, default=retrieval.keys,
-                      help="retrieval key index (default %(default)s)")
-    bank.add_argument("--slots", type=positive_int, default=slot_format.slots,
-                      help="retrieval slots per layer (default: all K)")
-    bank.add_argument("--slot-dtype", choices=SLOT_DTYPES, default=slot_format.dtype,
-                      help="dtype of the retrieval slots (default %(default)s)")
+    add_retrieval_arguments(bank)
     sub.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
     sub.add_argument("--plot", type=Path, default=None, help="write the curve as a PNG here")
 

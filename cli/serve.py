@@ -29,7 +29,7 @@ log = logging.getLogger("ckl.serve")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    retrieval, slot_format, checkpoints = RetrievalSettings(), SlotFormat(), CheckpointPolicy()
+    retrieval, checkpoints = RetrievalSettings(), CheckpointPolicy()
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
                         help="port, 0 for any free one (default: %(default)s)")
@@ -48,16 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="memory bank location, a path or object-store URI (default: .ckl/bank)")
     bank.add_argument("--no-retrieval", action="store_true",
                       help="answer from the pool alone unless a query asks for retrieval")
-    bank.add_argument("--top-k", type=positive_int, default=retrieval.top_k,
-                      help="most bank entries per question (default: %(default)s; see docs/bank.md)")
+    add_retrieval_arguments(bank)
     bank.add_argument("--retrieval-budget", type=positive_int, default=retrieval.token_budget,
                       help="most retrieved tokens per layer per question (default: %(default)s)")
-    bank.add_argument("--keys", choices=KEY_KINDS, default=retrieval.keys,
-                      help="retrieval key index (default: %(default)s)")
-    bank.add_argument("--slots", type=positive_int, default=slot_format.slots,
-                      help="retrieval slots kept per layer and entry (default: all K)")
-    bank.add_argument("--slot-dtype", choices=SLOT_DTYPES, default=slot_format.dtype,
-                      help="dtype of the retrieval slots (default: %(default)s)")
     bank.add_argument("--checkpoint-every", type=positive_int, default=checkpoints.every_batches,
                       metavar="BATCHES",
                       help="write a full pool checkpoint every this many batches (default: %(default)s)")
@@ -74,6 +67,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "refuse writes, catch up with its checkpoints and bank every SECONDS")
     parser.add_argument("--stop", action="store_true",
                         help="stop the server this state dir's server.json names, and exit")
+
+
+def add_retrieval_arguments(group: argparse._ArgumentGroup) -> None:
+    """--top-k, --keys, --slots and --slot-dtype, with the settings' defaults and choices (ckl serve and
+    ckl eval retention both take them)."""
+    retrieval, slot_format = RetrievalSettings(), SlotFormat()
+    group.add_argument("--top-k", type=positive_int, default=retrieval.top_k,
+                       help="most bank entries per question (default: %(default)s; see docs/bank.md)")
+    group.add_argument("--keys", choices=KEY_KINDS, default=retrieval.keys,
+                       help="retrieval key index (default: %(default)s)")
+    group.add_argument("--slots", type=positive_int, default=slot_format.slots,
+                       help="retrieval slots kept per layer and entry (default: all K)")
+    group.add_argument("--slot-dtype", choices=SLOT_DTYPES, default=slot_format.dtype,
+                       help="dtype of the retrieval slots (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -68,29 +68,6 @@ def parse(*argv: str):
     return build_parser(argv[0]).parse_args(argv)
 
 
-@pytest.mark.parametrize("flag,value,allowed", [
-    ("--port", "-1", "an integer from 0 to 65535"),
-    ("--port", "65536", "an integer from 0 to 65535"),
-    ("--context-tokens", "0", "an integer >= 1"),
-    ("--top-k", "0", "an integer >= 1"),
-    ("--retrieval-budget", "-5", "an integer >= 1"),
-    ("--slots", "0", "an integer >= 1"),
-    ("--checkpoint-every", "0", "an integer >= 1"),
-    ("--checkpoint-every", "2.5", "an integer >= 1"),
-    ("--checkpoint-every-s", "0", "a finite number > 0"),
-    ("--checkpoint-every-s", "nan", "a finite number > 0"),
-    ("--max-waiting-queries", "-1", "an integer >= 0"),
-    ("--max-waiting-queries", "many", "an integer >= 0"),
-    ("--follow", "-2", "a finite number > 0"),
-    ("--follow", "inf", "a finite number > 0"),
-])
-def test_serve_refuses_an_impossible_value_naming_the_flag_and_the_range(capsys, flag, value, allowed):
-    with pytest.raises(SystemExit) as exit_:
-        parse("serve", f"{flag}={value}")
-    assert exit_.value.code == 2
-    assert f"argument {flag}: expected {allowed}, got {value!r}" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("argv,flag,value", [
     (("serve",), "--slot-dtype", "int4"), (("serve",), "--keys", "tfidf"),
     (("eval", "retention"), "--keys", "tfidf"),
@@ -115,37 +92,33 @@ def test_serve_parses_good_values_and_takes_its_defaults_from_the_settings():
     assert SlotFormat().dtype in SLOT_DTYPES
 
 
-@pytest.mark.parametrize("flag,value,allowed", [
-    ("--people", "0", "an integer >= 1"),
-    ("--filler-docs", "-1", "an integer >= 0"),
-    ("--top-k", "0", "an integer >= 1"),
-    ("--slots", "-3", "an integer >= 1"),
-])
-def test_eval_retention_refuses_an_impossible_value(capsys, flag, value, allowed):
-    with pytest.raises(SystemExit) as exit_:
-        parse("eval", "retention", f"{flag}={value}")
-    assert exit_.value.code == 2
-    assert f"argument {flag}: expected {allowed}, got {value!r}" in capsys.readouterr().err
-
-
 def test_eval_retention_parses_good_values():
     args = parse("eval", "retention", "--people", "3", "--filler-docs", "0", "--top-k", "2", "--slots", "4",
                  "--slot-dtype", "int8")
     assert (args.people, args.filler_docs, args.top_k, args.slots, args.slot_dtype) == (3, 0, 2, 4, "int8")
 
 
-@pytest.mark.parametrize("argv,flag,allowed", [
-    (("report", "--window=0"), "--window", "an integer >= 1"),
-    (("data", "bios", "--out=x", "--train-people=-1"), "--train-people", "an integer >= 0"),
-])
-def test_the_other_commands_share_the_same_checks(capsys, argv, flag, allowed):
-    with pytest.raises(SystemExit) as exit_:
-        parse(*argv)
-    assert exit_.value.code == 2
-    assert f"argument {flag}: expected {allowed}" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("argv,flag,value,allowed", [
+    (("serve",), "--port", "-1", "an integer from 0 to 65535"),
+    (("serve",), "--port", "65536", "an integer from 0 to 65535"),
+    (("serve",), "--context-tokens", "0", "an integer >= 1"),
+    (("serve",), "--top-k", "0", "an integer >= 1"),
+    (("serve",), "--retrieval-budget", "-5", "an integer >= 1"),
+    (("serve",), "--slots", "0", "an integer >= 1"),
+    (("serve",), "--checkpoint-every", "0", "an integer >= 1"),
+    (("serve",), "--checkpoint-every", "2.5", "an integer >= 1"),
+    (("serve",), "--checkpoint-every-s", "0", "a finite number > 0"),
+    (("serve",), "--checkpoint-every-s", "nan", "a finite number > 0"),
+    (("serve",), "--max-waiting-queries", "-1", "an integer >= 0"),
+    (("serve",), "--max-waiting-queries", "many", "an integer >= 0"),
+    (("serve",), "--follow", "-2", "a finite number > 0"),
+    (("serve",), "--follow", "inf", "a finite number > 0"),
+    (("eval", "retention"), "--people", "0", "an integer >= 1"),
+    (("eval", "retention"), "--filler-docs", "-1", "an integer >= 0"),
+    (("eval", "retention"), "--top-k", "0", "an integer >= 1"),
+    (("eval", "retention"), "--slots", "-3", "an integer >= 1"),
+    (("report",), "--window", "0", "an integer >= 1"),
+    (("data", "bios", "--out=x"), "--train-people", "-1", "an integer >= 0"),
     (("ingest",), "--batch-size", "0", "an integer >= 1"),
     (("ingest",), "--poll-timeout", "0", "a finite number > 0"),
     (("ingest",), "--poll-timeout", "-1.5", "a finite number > 0"),
