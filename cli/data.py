@@ -3,6 +3,9 @@
 `ckl data bios --out DIR` writes, deterministically from `--seed`:
 - DIR/train.jsonl: biographies of training people, one document per person with one probe per attribute;
 - DIR/heldout.jsonl: biographies of held-out people, whose first and last names never occur in training;
+  with `--stream rich` (the free-wording stream of synthetic/rich_bios.py) two files instead:
+  DIR/heldout_names.jsonl (held-out people in training wording) and DIR/heldout_wording.jsonl (held-out
+  people in sentence templates and question phrasings that never occur in training);
 - DIR/filler_train.jsonl, DIR/filler_heldout.jsonl: plain language-modelling text (source "filler");
 - DIR/manifest.json: counts, seed, pool sizes and each file's SHA-256.
 All documents follow the message format of docs/design.md, so they can be published with `ckl produce`.
@@ -19,7 +22,7 @@ from tqdm import tqdm
 
 from cli.argtypes import non_negative_int
 from documents.model import Document
-from synthetic import bios, filler
+from synthetic import bios, filler, rich_bios
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="training filler paragraphs (default 5000)")
     sub.add_argument("--heldout-filler-docs", type=non_negative_int, default=None,
                      help="held-out filler paragraphs (default: a tenth of --filler-docs)")
+    sub.add_argument("--stream", choices=("bios", "rich"), default="bios",
+                     help="bios: the committed model's six templates per attribute (default); rich: free "
+                          "wording with held-out wording")
     sub.add_argument("--seed", type=int, default=0, help="seed for people, texts and filler (default 0)")
 
 
@@ -47,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         manifest = write_bios_dataset(args.out, args.train_people, args.heldout_people, args.filler_docs,
-                                      heldout_filler, args.seed)
+                                      heldout_filler, args.seed, args.stream)
     except ValueError as error:
         print(f"ckl data bios: {error}")
         return 2
@@ -57,12 +63,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def write_bios_dataset(out_dir: Path, train_people: int, heldout_people: int, filler_docs: int,
-                       heldout_filler_docs: int, seed: int) -> dict:
-    """Write the four JSONL files and manifest.json into out_dir; returns the manifest."""
+                       heldout_filler_docs: int, seed: int, stream: str = "bios") -> dict:
+    """Write the JSONL files and manifest.json into out_dir; returns the manifest."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    outputs = {
-        "train.jsonl": (bios.bio_documents(train_people, "train", seed), train_people),
-        "heldout.jsonl": (bios.bio_documents(heldout_people, "heldout", seed), heldout_people),
+    if stream == "bios":
+        outputs = {
+            "train.jsonl": (bios.bio_documents(train_people, "train", seed), train_people),
+            "heldout.jsonl": (bios.bio_documents(heldout_people, "heldout", seed), heldout_people),
+        }
+    else:
+        outputs = {
+            "train.jsonl": (rich_bios.bio_documents(train_people, "train", seed), train_people),
+            **{f"{split.replace('-', '_')}.jsonl": (rich_bios.bio_documents(heldout_people, split, seed),
+                                                    heldout_people) for split in rich_bios.SPLITS[1:]},
+        }
+    outputs |= {
         "filler_train.jsonl": (filler.filler_documents(filler_docs, "train", seed), filler_docs),
         "filler_heldout.jsonl": (filler.filler_documents(heldout_filler_docs, "heldout", seed),
                                  heldout_filler_docs),
@@ -70,6 +85,7 @@ def write_bios_dataset(out_dir: Path, train_people: int, heldout_people: int, fi
     files = {name: _write_jsonl(out_dir / name, docs, total) for name, (docs, total) in outputs.items()}
     manifest = {
         "generator": "ckl data bios",
+        "stream": stream,
         "seed": seed,
         "files": files,
         "name_pools": {split: _name_pool_sizes(split) for split in bios.SPLITS},

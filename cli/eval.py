@@ -1,10 +1,13 @@
 """`ckl eval retention`: how well a MemoryLLM recalls injected documents, fresh and after later injections.
 
-Without --docs the probed documents are biographies of held-out people (names never seen in training,
-synthetic/bios.py); with --docs they are the documents of a JSONL file in the docs/design.md format (those
-with probes are asked; the file's other documents are injected too, in file order). Either way the later
-injections after the probed documents are further held-out biographies. See monitoring/retention.py for
-the protocol. Prints a table; writes JSON and a PNG plot on request.
+Without --docs the probed documents are biographies of held-out people (names never seen in training):
+--split heldout (default) draws them from synthetic/bios.py in the wording the committed default model
+was trained on; heldout-names from the free-wording stream of synthetic/rich_bios.py in its training
+wording; heldout-wording from that stream in sentence templates, question phrasings and names that never
+occur in its training text. With --docs they are the documents of a JSONL file in the docs/design.md
+format (those with probes are asked; the file's other documents are injected too, in file order). Either
+way the later injections after the probed documents are further held-out biographies of the split. See
+monitoring/retention.py for the protocol. Prints a table; writes JSON and a PNG plot on request.
 
 With --bank every injection is also appended to a real memory bank (a temporary directory) and each
 probe is asked twice, from the pool alone and with the bank's entries retrieved for the question: the
@@ -21,7 +24,9 @@ from cli.argtypes import non_negative_int, positive_int
 from cli.serve import add_retrieval_arguments
 from compression.settings import RetrievalSettings, SlotFormat
 from model import DEFAULT_CHECKPOINT
-from synthetic import bios, filler
+from synthetic import bios, filler, rich_bios
+
+SPLITS = ("heldout", "heldout-names", "heldout-wording")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="checkpoint directory (default model/default)")
     sub.add_argument("--docs", type=Path, default=None,
                      help="JSONL documents with probes (default: held-out people)")
+    sub.add_argument("--split", choices=SPLITS, default="heldout",
+                     help="held-out people of which stream and wording (default heldout; see above)")
     sub.add_argument("--people", type=positive_int, default=100,
                      help="held-out people probed without --docs (default 100)")
     sub.add_argument("--later", type=_later_list, default="0,1,5,10,20,50,100",
@@ -66,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"ckl eval retention: cannot load a checkpoint from {args.model}: {error}", file=sys.stderr)
         return 2
     model.to(resolve_device(args.device)).eval()
-    heldout = list(bios.bio_documents(args.people + max(args.later), "heldout", args.seed))
+    heldout = heldout_documents(args.split, args.people + max(args.later), args.seed)
     if args.docs is None:
         stream = [_probed(d) for d in heldout[: args.people]]
     else:
@@ -91,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
                                          keys=args.keys)
             bank = StreamBank(model, bank_dir, settings, SlotFormat(args.slots, args.slot_dtype))
         result = measure_retention(model, tokenizer, stream, args.later, lm_texts, args.seed, bank)
-    result.update(model=str(args.model), docs=str(args.docs) if args.docs else "heldout people")
+    result.update(model=str(args.model), docs=str(args.docs) if args.docs else f"{args.split} people")
     if args.bank:
         result["bank"] = {"top_k": args.top_k, "keys": args.keys,
                           "slots": args.slots or model.config.num_tokens, "slot_dtype": args.slot_dtype}
@@ -103,6 +110,13 @@ def run(args: argparse.Namespace) -> int:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot_curve(result, args.plot)
     return 0
+
+
+def heldout_documents(split: str, n: int, seed: int) -> list:
+    """The first n held-out biographies of a split (one of SPLITS), as documents with probes."""
+    if split == "heldout":
+        return list(bios.bio_documents(n, "heldout", seed))
+    return list(rich_bios.bio_documents(n, split, seed))
 
 
 def _probed(document):

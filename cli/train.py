@@ -1,8 +1,9 @@
 """`ckl train`: train a MemoryLLM with the recipe of training/recipe.py on `ckl data bios`-style data.
 
 `ckl train --preset default` reproduces the committed checkpoint model/default/ (same seed, same steps).
-Biographies are drawn from the training split of synthetic/bios.py (fresh renderings every time, so the
-model learns to read, not to memorise people); held-out names never occur. Runs through
+Biographies are drawn from the training split of synthetic/bios.py, or with `--preset rich` of the
+free-wording stream of synthetic/rich_bios.py (fresh renderings every time, so the model learns to read,
+not to memorise people); held-out names and wording never occur. Runs through
 `deepspeed.initialize` (one process here; the same command under the `deepspeed` launcher on GPUs).
 """
 
@@ -39,14 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from monitoring.training_curves import EXPERIMENT, TrainingCurves
-    from training.corpus import BiosCorpus
+    from training.corpus import build_corpus
     from training.recipe import PRESETS, load_ds_config, make_trainer, train
 
     config = PRESETS[args.preset]
     overrides = {k: v for k, v in (("seed", args.seed), ("device", args.device)) if v is not None}
     config = dataclasses.replace(config, **overrides)
     try:
-        trainer = make_trainer(config, BiosCorpus(config.seed), args.out, args.resume,
+        trainer = make_trainer(config, build_corpus(config), args.out, args.resume,
                                load_ds_config(args.deepspeed_config), cache_dir())
     except (FileNotFoundError, ValueError) as error:
         print(f"ckl train: {error}", file=sys.stderr)

@@ -21,7 +21,7 @@ import datetime
 import functools
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from documents.model import Document, Probe
@@ -171,7 +171,7 @@ class Person:
 
     first_name: str
     last_name: str
-    birth_date: str
+    born: datetime.date
     birth_city: str
     university: str
     major: str
@@ -180,6 +180,11 @@ class Person:
     @property
     def full_name(self) -> str:
         return f"{self.first_name} {self.last_name}"
+
+    @property
+    def birth_date(self) -> str:
+        """The birth date as biographies and answers write it: "March 3, 1970"."""
+        return f"{self.born:%B} {self.born.day}, {self.born.year}"
 
     def attribute(self, name: str) -> str:
         """The value of one of ATTRIBUTES."""
@@ -209,19 +214,28 @@ def generate_people(n: int, split: str = "train", seed: int = 0) -> list[Person]
     capacity = len(first_names) * len(last_names)
     if not 0 <= n <= capacity // 2:
         raise ValueError(f"n must be between 0 and {capacity // 2} for split {split!r}, got {n}")
-    rng = random.Random(f"ckl-bios-people:{split}:{seed}")
-    taken: set[tuple[int, int]] = set()
+
+    def draw_name(rng: random.Random) -> tuple[str, str]:
+        return first_names[rng.randrange(len(first_names))], last_names[rng.randrange(len(last_names))]
+
+    return draw_people(n, draw_name, random.Random(f"ckl-bios-people:{split}:{seed}"))
+
+
+def draw_people(n: int, draw_name: Callable[[random.Random], tuple[str, str]], rng: random.Random
+                ) -> list[Person]:
+    """n people with distinct (first, last) names from `draw_name`, attributes drawn uniformly from `rng`."""
+    taken: set[tuple[str, str]] = set()
     people = []
     while len(people) < n:
-        name = (rng.randrange(len(first_names)), rng.randrange(len(last_names)))
+        name = draw_name(rng)
         if name in taken:
             continue
         taken.add(name)
         people.append(
             Person(
-                first_name=first_names[name[0]],
-                last_name=last_names[name[1]],
-                birth_date=_random_date(rng),
+                first_name=name[0],
+                last_name=name[1],
+                born=_random_date(rng),
                 birth_city=rng.choice(CITIES),
                 university=rng.choice(UNIVERSITIES),
                 major=rng.choice(MAJORS),
@@ -262,10 +276,9 @@ def bio_documents(n: int, split: str = "train", seed: int = 0) -> Iterator[Docum
         yield bio_document(person, rng, f"{SOURCE}-{split}-s{seed}-{index:07d}")
 
 
-def _random_date(rng: random.Random) -> str:
+def _random_date(rng: random.Random) -> datetime.date:
     span = (LAST_BIRTH_DATE - FIRST_BIRTH_DATE).days
-    date = FIRST_BIRTH_DATE + datetime.timedelta(days=rng.randint(0, span))
-    return f"{date:%B} {date.day}, {date.year}"
+    return FIRST_BIRTH_DATE + datetime.timedelta(days=rng.randint(0, span))
 
 
 def _check_split(split: str) -> None:

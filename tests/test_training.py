@@ -34,8 +34,9 @@ def training_summary(directory: Path) -> dict:
 
 
 def test_tiny_training_checkpoints_reloads_resumes_and_repeats_bit_for_bit(tmp_path, mlflow_server):
+    """The tiny run of the rich recipe (plain start, word-piece dropout, copy rows, both stages)."""
     interrupted, uninterrupted = tmp_path / "interrupted", tmp_path / "uninterrupted"
-    run = ckl("train", "--preset", "tiny", "--out", str(interrupted), "--steps", "4",
+    run = ckl("train", "--preset", "tiny-rich", "--out", str(interrupted), "--steps", "4",
               "--mlflow-uri", mlflow_server.uri, cwd=REPO_ROOT)
     first = training_summary(interrupted)
     assert first["step"] == 4 and torch.isfinite(torch.tensor(first["last_loss"]))
@@ -49,12 +50,13 @@ def test_tiny_training_checkpoints_reloads_resumes_and_repeats_bit_for_bit(tmp_p
     assert len(tokenizer) == model.config.vocab_size
     assert bool(model.initialized)  # stage B ran: the running pool is the checkpoint's memory
 
-    ckl("train", "--preset", "tiny", "--out", str(interrupted), "--resume", cwd=REPO_ROOT)
+    ckl("train", "--preset", "tiny-rich", "--out", str(interrupted), "--resume", cwd=REPO_ROOT)
     resumed = training_summary(interrupted)
     assert resumed["step"] == resumed["config"]["reader_steps"] + resumed["config"]["memory_steps"] > 4
 
-    ckl("train", "--preset", "tiny", "--out", str(uninterrupted), cwd=REPO_ROOT)
+    ckl("train", "--preset", "tiny-rich", "--out", str(uninterrupted), cwd=REPO_ROOT)
     assert training_summary(uninterrupted)["last_loss"] == resumed["last_loss"]
+    assert "answer_exact_bank" in resumed["smoothed_metrics"]  # stage B's bank rows ran
 
 
 def test_resume_refuses_a_directory_without_trainer_state(tmp_path):
@@ -87,6 +89,16 @@ def test_eval_retention_takes_foreign_documents_with_probes(tmp_path):
     assert data["lm_loss"] is None
     assert data["fresh_accuracy"] >= 6 / 9  # names and wording not of our generator (measured 8/9)
     assert "no-injection baseline" in result.stdout
+
+
+def test_eval_retention_measures_the_heldout_wording_split(tmp_path):
+    out_json = tmp_path / "wording.json"
+    ckl("eval", "retention", "--model", str(DEFAULT_MODEL), "--split", "heldout-wording", "--people", "3",
+        "--later", "0,1", "--filler-docs", "0", "--json", str(out_json), cwd=tmp_path)
+    data = json.loads(out_json.read_text())
+    assert data["docs"] == "heldout-wording people" and data["documents"] == 3
+    assert [p["questions"] for p in data["curve"]] == [15, 15]
+    assert data["baseline_accuracy"] <= 0.2
 
 
 @pytest.mark.parametrize("later", ["-1", "a,b", ""])

@@ -1,11 +1,22 @@
 """The default model's training data: the training split of the synthetic biographies and filler text,
-in the shape the recipe (training/recipe.py) draws from."""
+in the shape the recipe (training/recipe.py) draws from.
+
+Two streams, chosen by `TrainConfig.corpus`: "bios" (synthetic/bios.py, six templates per attribute, the
+committed model's) and "rich" (synthetic/rich_bios.py: free wording, ordinary names, held-out wording).
+"""
 
 import random
 
-from synthetic import bios, filler
+from synthetic import bios, filler, rich_bios
+from training.recipe import TrainConfig
 
 TRAIN_PEOPLE = 50_000
+# Training-only questions about a birth date's parts: they make months and numbers worth copying.
+DATE_PART_QUESTIONS = (
+    ("In which month was {name} born?", lambda born: f"{born:%B}"),
+    ("On which day of the month was {name} born?", lambda born: str(born.day)),
+    ("In which year was {name} born?", lambda born: str(born.year)),
+)
 
 
 class BiosCorpus:
@@ -14,9 +25,38 @@ class BiosCorpus:
     def __init__(self, seed: int, people: int = TRAIN_PEOPLE):
         self.people = bios.generate_people(people, "train", seed)
 
-    def document(self, rng: random.Random) -> tuple[str, list[tuple[str, str]]]:
+    def document(self, rng: random.Random, plain: bool = False) -> tuple[str, list[tuple[str, str]]]:
         person = rng.choice(self.people)
         return bios.biography(person, rng), [(p.question, p.answer) for p in bios.probes(person)]
 
     def filler(self, rng: random.Random) -> str:
         return filler.filler_paragraph(rng)
+
+
+class RichBiosCorpus:
+    """Training biographies of the rich stream, asked in training phrasings (plus, optionally, the parts
+    of the birth date); `scramble_share` of the attribute sentences of a full rendering are scrambled."""
+
+    def __init__(self, seed: int, people: int = TRAIN_PEOPLE, scramble_share: float = 0.0,
+                 date_parts: bool = False):
+        self.people = rich_bios.generate_people(people, "train", seed)
+        self.scramble_share, self.date_parts = scramble_share, date_parts
+
+    def document(self, rng: random.Random, plain: bool = False) -> tuple[str, list[tuple[str, str]]]:
+        person = rng.choice(self.people)
+        text = rich_bios.biography(person, rng, "train", plain=plain, scramble_share=self.scramble_share)
+        qas = [(p.question, p.answer) for p in rich_bios.probes(person, rng, "train")]
+        if self.date_parts:
+            qas += [(question.format(name=person.full_name), answer(person.born))
+                    for question, answer in DATE_PART_QUESTIONS]
+        return text, qas
+
+    def filler(self, rng: random.Random) -> str:
+        return filler.filler_paragraph(rng)
+
+
+def build_corpus(config: TrainConfig, people: int = TRAIN_PEOPLE) -> BiosCorpus | RichBiosCorpus:
+    """The corpus a config names."""
+    if config.corpus == "bios":
+        return BiosCorpus(config.seed, people)
+    return RichBiosCorpus(config.seed, people, config.scramble_share, config.date_part_questions)

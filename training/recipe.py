@@ -35,13 +35,14 @@ from model.distributed import prepare_distributed_env, resolve_device
 from model.memory_pool import MemoryState
 from model.memoryllm import MemoryLLM, MemoryLLMConfig
 from model.prompts import format_question
-from model.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from model.tokenizer import SPECIAL_TOKENS, load_tokenizer, save_tokenizer, train_tokenizer
 
 DEFAULT_DS_CONFIG = Path(__file__).with_name("ds_config.json")
 TRAINER_STATE_FILE = "trainer_state.pt"
 TRAINING_SUMMARY_FILE = "training.json"
 PROGRESS_METRICS = (
-    "loss", "answer_exact_single", "answer_exact_among", "answer_exact_fresh", "answer_exact_older"
+    "loss", "answer_exact_single", "answer_exact_among", "answer_exact_fresh", "answer_exact_older",
+    "answer_exact_bank",
 )
 
 
@@ -81,6 +82,9 @@ class TrainConfig:
     questions_per_person: int = 2  # stage B: questions about each person of the episode
     old_questions: int = 4  # questions about people of earlier episodes still in the pool
     max_old_age: int = 12  # ... injected at most this many injections ago
+    bank_rows: int = 0  # stage B: rows per step asking about a bank entry retrieved after the pool
+    bank_entries: int = 4  # ... 1 to this many archived entries retrieved (the one asked about among them)
+    bank_archive: int = 32  # ... archived entries (a biography's memory tokens) kept per stream
     # optimisation
     lr: float = 3e-3
     memory_lr_scale: float = 0.5  # stage B learning rate = lr x this
@@ -92,14 +96,41 @@ class TrainConfig:
     device: str = "auto"  # "auto": cuda if available, else cpu
     dtype: str = "float32"
     tokenizer_people: int = 4000  # biographies the tokenizer is trained on (plus filler)
+    # data (training/corpus.py); the defaults are the committed model's recipe
+    corpus: str = "bios"  # "bios": six templates per attribute; "rich": free wording (synthetic/rich_bios.py)
+    scramble_share: float = 0.0  # rich: share of attribute sentences stated among random words
+    date_part_questions: bool = False  # rich: also ask a birth date's month, day and year
+    plain_steps: int = 0  # stage A's first steps read plain biographies (one template sentence each)
+    copy_rows: int = 0  # stage A: rows per step of random tokens said twice, scored on the repeat
+    copy_length: int = 32  # ... tokens said in each half
+    text_dropout: float = 0.0  # chance that a word of a scored text is split at a random point
+
+    def __post_init__(self):
+        if self.corpus not in CORPORA:
+            raise ValueError(f"corpus must be one of {', '.join(CORPORA)}, got {self.corpus!r}")
+        if not 0.0 <= self.text_dropout < 1.0 or not 0.0 <= self.scramble_share <= 1.0:
+            raise ValueError("text_dropout must be in [0, 1) and scramble_share in [0, 1]")
 
     @property
     def total_steps(self) -> int:
         return self.reader_steps + self.memory_steps
 
 
+CORPORA = ("bios", "rich")
+# Knobs that only stage B reads: a run resumed before stage B began may change them.
+STAGE_B_FIELDS = ("memory_lr_scale", "streams", "max_contexts", "filler_share", "questions_per_person",
+                  "old_questions", "max_old_age", "cooldown_steps", "bank_rows", "bank_entries",
+                  "bank_archive")
+
+
 PRESETS: dict[str, TrainConfig] = {
     "default": TrainConfig(),
+    # the free-wording recipe: rich stream, a plain start, date parts, copy rows, word-piece dropout,
+    # longer stages, questions about people up to N/K x 3 injections back, rows that read bank entries
+    "rich": TrainConfig(
+        corpus="rich", scramble_share=0.3, date_part_questions=True, plain_steps=1600, copy_rows=2,
+        text_dropout=0.1, reader_steps=3600, memory_steps=3600, max_old_age=48, bank_rows=4,
+    ),
     # a few-step smoke run (tests, CI): same recipe, tiny shapes
     "tiny": TrainConfig(
         vocab_size=320, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, num_tokens=16,
@@ -108,13 +139,19 @@ PRESETS: dict[str, TrainConfig] = {
         curriculum_steps=2, cooldown_steps=2, checkpoint_every=3, tokenizer_people=200,
     ),
 }
+# ... and the rich recipe's smoke run
+PRESETS["tiny-rich"] = dataclasses.replace(
+    PRESETS["tiny"], corpus="rich", scramble_share=0.3, date_part_questions=True, plain_steps=2, copy_rows=1,
+    copy_length=4, text_dropout=0.1, max_old_age=6, bank_rows=1, bank_entries=1, bank_archive=4,
+)
 
 
 class Corpus(Protocol):
     """Where training text comes from. Every call draws from `rng` only (so runs are deterministic)."""
 
-    def document(self, rng: random.Random) -> tuple[str, list[tuple[str, str]]]:
-        """A fact-bearing document (a biography) and its (question, answer) pairs."""
+    def document(self, rng: random.Random, plain: bool = False) -> tuple[str, list[tuple[str, str]]]:
+        """A fact-bearing document (a biography) and its (question, answer) pairs; `plain`: its easiest
+        rendering."""
 
     def filler(self, rng: random.Random) -> str:
         """Plain text with no facts to learn."""
@@ -209,12 +246,24 @@ def exact_answer_rates(correct: torch.Tensor, answers: Sequence[tuple[int, int, 
     return {f"answer_exact_{tag}": sum(h) / len(h) for tag, h in hits.items()}
 
 
-class Encoder:
-    """Text -> ids (no special tokens: memory and queries carry none) and Q/A rows with loss weights."""
+def copy_row(rng: random.Random, length: int, vocab_size: int) -> tuple[list[int], list[float]]:
+    """Random ordinary tokens said twice, scored on the repeat only: a row that rewards copying any token
+    (months and numbers too, which biographies never repeat)."""
+    tokens = [rng.randrange(len(SPECIAL_TOKENS), vocab_size) for _ in range(length)]
+    return tokens + tokens, [0.0] * length + [1.0] * length
 
-    def __init__(self, tokenizer, context_weight: float):
+
+class Encoder:
+    """Text -> ids (no special tokens: memory and queries carry none) and Q/A rows with loss weights.
+
+    Word-piece dropout: `text(..., rng)` cuts each word, with probability `dropout`, at a random point and
+    encodes the halves apart, so word pieces that whole words hide get trained too (the tokenizer's own
+    BPE-dropout has no seed; this draws from the caller's rng, so runs stay reproducible)."""
+
+    def __init__(self, tokenizer, context_weight: float, dropout: float = 0.0):
         self.tokenizer = tokenizer
         self.context_weight = context_weight
+        self.dropout = dropout
 
     def __call__(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -225,9 +274,23 @@ class Encoder:
         prompt, reply = self(format_question(question)), self(f" {answer.strip()}\n")
         return prompt + reply, [self.context_weight] * len(prompt) + [1.0] * len(reply), len(reply)
 
-    def text(self, text: str, weight: float) -> tuple[list[int], list[float]]:
-        ids = self(text)
+    def text(self, text: str, weight: float, rng: random.Random | None = None
+             ) -> tuple[list[int], list[float]]:
+        """A scored text: its ids and weights; with an rng, words are cut with the dropout probability."""
+        ids = self(text) if rng is None or self.dropout == 0 else self._with_cut_words(text, rng)
         return ids, [weight] * len(ids)
+
+    def _with_cut_words(self, text: str, rng: random.Random) -> list[int]:
+        backend = self.tokenizer.backend_tokenizer
+        ids = []
+        for word, _ in backend.pre_tokenizer.pre_tokenize_str(text):
+            if len(word) > 1 and rng.random() < self.dropout:
+                cut = rng.randint(1, len(word) - 1)
+                halves = (word[:cut], word[cut:])
+            else:
+                halves = (word,)
+            ids += [token.id for half in halves for token in backend.model.tokenize(half)]
+        return ids
 
 
 # --------------------------------------------------------------------------------------------- trainer
@@ -241,6 +304,14 @@ class PoolEntry:
     injection: int
 
 
+@dataclass
+class BankEntry:
+    """A biography's memory tokens [L, K, d] as the bank keeps them (float16), and its questions."""
+
+    tokens: torch.Tensor
+    qas: list[tuple[str, str]]
+
+
 class Trainer:
     """One run: model + DeepSpeed engine + the running memory pool of stage B + all random state."""
 
@@ -249,7 +320,7 @@ class Trainer:
         import deepspeed
 
         self.config, self.corpus, self.tokenizer = config, corpus, tokenizer
-        self.encode = Encoder(tokenizer, config.context_weight)
+        self.encode = Encoder(tokenizer, config.context_weight, config.text_dropout)
         self.device = device
         dtype = getattr(torch, config.dtype)
         model.to(device=device, dtype=dtype)
@@ -265,6 +336,7 @@ class Trainer:
         self.drop_generator = torch.Generator().manual_seed(config.seed)
         self.pools: torch.Tensor | None = None  # stage B: every stream's running pool [S, L, N, d], no graph
         self.pool_people: list[list[PoolEntry]] = []  # ... and the people in it
+        self.archives: list[list[BankEntry]] = [[] for _ in range(config.streams)]  # stage B: bank rows
         self.injections = 0
         self.wall_seconds = 0.0
 
@@ -294,19 +366,22 @@ class Trainer:
             low, high, ramp = c.reader_max_people, c.reader_max_people_after, self.step - c.binding_step
             text_weight, questions = c.reader_text_weight_after, c.reader_questions_after
         max_people = low + round(min(1.0, ramp / max(1, c.curriculum_steps)) * (high - low))
+        plain = self.step < c.plain_steps
         rows = Rows()
         for _ in range(c.reader_batch):
-            documents = [self.corpus.document(rng) for _ in range(rng.randint(1, max_people))]
+            documents = [self.corpus.document(rng, plain) for _ in range(rng.randint(1, max_people))]
             qas = [qa for _, doc_qas in documents for qa in doc_qas]
             row = RowBuilder()
             for text, _ in documents:
-                row.text(self.encode.text(text + "\n", text_weight))
+                row.text(self.encode.text(text + "\n", text_weight, rng))
             tag = "single" if len(documents) == 1 else "among"
             for question, answer in rng.sample(qas, min(len(qas), questions)):
                 row.qa(self.encode.qa(question, answer), tag)
             row.add_to(rows)
         for _ in range(c.filler_rows):
-            rows.add(*self.encode.text(self.corpus.filler(rng), 1.0))
+            rows.add(*self.encode.text(self.corpus.filler(rng), 1.0, rng))
+        for _ in range(c.copy_rows):
+            rows.add(*copy_row(rng, c.copy_length, len(self.tokenizer)))
         ids, mask, weights = to_batch(rows, self.device)
         logits = self.engine(input_ids=ids, attention_mask=mask).logits
         loss, correct = weighted_loss(logits, ids, weights)
@@ -360,6 +435,8 @@ class Trainer:
             for stream, ctx in enumerate(contexts):
                 if not isinstance(ctx, str):
                     episodes[stream].append(PoolEntry(qas=ctx[1], injection=self.injections - 1))
+                    if c.bank_rows:
+                        self._archive(stream, pools[stream, :, -c.num_tokens :], ctx[1])
         rows = Rows()
         for stream in range(c.streams):
             asked = []
@@ -373,15 +450,47 @@ class Trainer:
             row = RowBuilder()
             for qa, tag in asked:
                 row.qa(self.encode.qa(*qa), tag)
-            row.text(self.encode.text(self.corpus.filler(rng), 1.0))
+            row.text(self.encode.text(self.corpus.filler(rng), 1.0, rng))
             row.add_to(rows)
         ids, mask, weights = to_batch(rows, self.device)
         logits = self.engine(input_ids=ids, attention_mask=mask, memory=pools).logits
         loss, correct = weighted_loss(logits, ids, weights)
+        metrics = exact_answer_rates(correct, rows.answers)
+        if c.bank_rows and all(len(archive) >= c.bank_entries for archive in self.archives):
+            bank_loss, bank_metrics = self._bank_loss(pools)
+            loss = (c.streams * loss + c.bank_rows * bank_loss) / (c.streams + c.bank_rows)
+            metrics |= bank_metrics
         self.pools = pools.detach()
         self.pool_people = [[e for e in people + episode if self._age(e) <= c.max_old_age]
                             for people, episode in zip(self.pool_people, episodes, strict=True)]
-        return loss, {**exact_answer_rates(correct, rows.answers), "contexts": num_contexts}
+        return loss, {**metrics, "contexts": num_contexts}
+
+    def _archive(self, stream: int, tokens: torch.Tensor, qas: list[tuple[str, str]]) -> None:
+        """Keep a biography's memory tokens as a bank entry of the stream (the newest bank_archive)."""
+        archive = self.archives[stream]
+        archive.append(BankEntry(tokens.detach().to(torch.float16), qas))
+        del archive[: -self.config.bank_archive]
+
+    def _bank_loss(self, pools: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Rows that ask about one of 1..bank_entries archived entries retrieved after a stream's pool, in
+        the layout `ckl serve` uses ([bos, pool, retrieved, question]); the person may long have left it."""
+        c, rng = self.config, self.data_rng
+        count = rng.randint(1, c.bank_entries)
+        streams, retrieved, rows = [], [], Rows()
+        for _ in range(c.bank_rows):
+            stream = rng.randrange(c.streams)
+            entries = rng.sample(self.archives[stream], count)
+            row = RowBuilder()
+            row.qa(self.encode.qa(*rng.choice(rng.choice(entries).qas)), "bank")
+            row.add_to(rows)
+            streams.append(stream)
+            retrieved.append(torch.cat([e.tokens for e in entries], dim=1))
+        ids, mask, weights = to_batch(rows, self.device)
+        retrieved_memory = torch.stack(retrieved).to(pools.dtype)
+        logits = self.engine(input_ids=ids, attention_mask=mask, memory=pools[streams],
+                             retrieved_memory=retrieved_memory).logits
+        loss, correct = weighted_loss(logits, ids, weights)
+        return loss, exact_answer_rates(correct, rows.answers)
 
     def _age(self, entry: PoolEntry) -> int:
         """Injections into the pool after this person's (0: the newest)."""
@@ -424,6 +533,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "pools": self.pools,
             "pool_people": [[dataclasses.asdict(e) for e in people] for people in self.pool_people],
+            "archives": [[(e.tokens.cpu(), e.qas) for e in archive] for archive in self.archives],
             "injections": self.injections,
             "wall_seconds": self.wall_seconds,
             "config": dataclasses.asdict(self.config),
@@ -442,6 +552,8 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.pools = None if state["pools"] is None else state["pools"].to(self.device)
         self.pool_people = [[PoolEntry(**e) for e in people] for people in state["pool_people"]]
+        self.archives = [[BankEntry(tokens.to(self.device), qas) for tokens, qas in archive]
+                         for archive in state.get("archives", self.archives)]
         self.injections = state["injections"]
         self.wall_seconds = state["wall_seconds"]
 
@@ -454,10 +566,18 @@ def load_ds_config(path: Path = DEFAULT_DS_CONFIG) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def _without_extensible(config: dict) -> dict:
-    """The config fields a resumed run must share: all but the stage lengths (a stage can be extended, or
-    ended at a checkpoint still inside it) and the checkpoint interval."""
-    return {k: v for k, v in config.items() if k not in ("reader_steps", "memory_steps", "checkpoint_every")}
+def _resume_mismatch(saved: dict, config: TrainConfig, step: int) -> dict[str, tuple]:
+    """The config fields a resumed run changes but must share, as {field: (saved, new)}. Free to change:
+    the stage lengths (a stage can be extended, or ended at a checkpoint still inside it), the checkpoint
+    interval, and stage B's knobs while stage B has not begun. A field the saved config lacks (added to
+    the recipe later) counts as its default."""
+    free = {"reader_steps", "memory_steps", "checkpoint_every"}
+    if step < saved["reader_steps"]:
+        free |= set(STAGE_B_FIELDS)
+    defaults = dataclasses.asdict(TrainConfig())
+    new = dataclasses.asdict(config)
+    return {k: (saved.get(k, defaults[k]), v) for k, v in new.items()
+            if k not in free and saved.get(k, defaults[k]) != v}
 
 
 def make_trainer(config: TrainConfig, corpus: Corpus, out_dir: Path, resume: bool, ds_config: dict,
@@ -470,15 +590,16 @@ def make_trainer(config: TrainConfig, corpus: Corpus, out_dir: Path, resume: boo
     if resume:
         if not (out_dir / TRAINER_STATE_FILE).is_file():
             raise FileNotFoundError(f"--resume: no {TRAINER_STATE_FILE} in {out_dir}")
-        saved = json.loads((out_dir / TRAINING_SUMMARY_FILE).read_text())["config"]
-        if _without_extensible(saved) != _without_extensible(dataclasses.asdict(config)):
-            raise ValueError(f"--resume: {out_dir} was trained with another config: {saved}")
+        summary = json.loads((out_dir / TRAINING_SUMMARY_FILE).read_text())
+        mismatch = _resume_mismatch(summary["config"], config, summary["step"])
+        if mismatch:
+            raise ValueError(f"--resume: {out_dir} was trained with another config (saved, new): {mismatch}")
         tokenizer = load_tokenizer(out_dir)
         model = MemoryLLM.from_pretrained(out_dir, torch_dtype=getattr(torch, config.dtype))
         model.set_memory_state(MemoryState(model.memory.detach(), 0, 0, False))  # training passes pools
         trainer = Trainer(config, corpus, tokenizer, model, ds_config, device)
         trainer.restore(out_dir)
-        if saved["reader_steps"] != config.reader_steps and trainer.step > config.reader_steps:
+        if summary["config"]["reader_steps"] != config.reader_steps and trainer.step > config.reader_steps:
             raise ValueError(f"--resume: {out_dir} is at step {trainer.step}, past the new end of stage A")
         return trainer
     tokenizer_rng = random.Random(f"ckl-train-tokenizer:{config.seed}")

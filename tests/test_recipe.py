@@ -1,0 +1,69 @@
+"""Pieces of the training recipe (training/recipe.py, training/corpus.py) that need no training run."""
+
+import dataclasses
+import random
+from pathlib import Path
+
+import pytest
+
+from model.tokenizer import load_tokenizer
+from training.corpus import RichBiosCorpus
+from training.recipe import PRESETS, Encoder, TrainConfig, _resume_mismatch, copy_row
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "model" / "default"
+TEXT = "Lars Mensah was born in Riga on March 3, 1970. She works for Procter & Gamble.\nUnseen: Ümit"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(DEFAULT_MODEL)
+
+
+def test_word_piece_dropout_cuts_words_reproducibly_and_keeps_the_text(tokenizer):
+    canonical = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    assert Encoder(tokenizer, 0.2, dropout=0.5).text(TEXT, 1.0)[0] == canonical  # no rng: canonical
+    assert Encoder(tokenizer, 0.2, dropout=0.0).text(TEXT, 1.0, random.Random(0))[0] == canonical
+    assert Encoder(tokenizer, 0.2, dropout=1e-12).text(TEXT, 1.0, random.Random(0))[0] == canonical
+    encoder = Encoder(tokenizer, 0.2, dropout=0.5)
+    cut, weights = encoder.text(TEXT, 0.7, random.Random(1))
+    assert cut == encoder.text(TEXT, 0.7, random.Random(1))[0]
+    assert tokenizer.decode(cut) == TEXT and len(cut) > len(canonical) and weights == [0.7] * len(cut)
+    assert cut != encoder.text(TEXT, 0.7, random.Random(2))[0]
+
+
+def test_copy_row_repeats_ordinary_tokens_and_scores_the_repeat_only():
+    ids, weights = copy_row(random.Random(0), 16, 300)
+    assert ids[:16] == ids[16:] and all(3 <= i < 300 for i in ids)
+    assert weights == [0.0] * 16 + [1.0] * 16
+
+
+def test_rich_corpus_asks_date_parts_in_training_only():
+    corpus = RichBiosCorpus(seed=0, people=50, date_parts=True)
+    text, qas = corpus.document(random.Random(0))
+    person = next(p for p in corpus.people if p.full_name in qas[0][0])
+    assert len(qas) == 8 and all(answer in text for _, answer in qas[:5])
+    assert [a for _, a in qas[5:]] == [f"{person.born:%B}", str(person.born.day), str(person.born.year)]
+    plain, _ = corpus.document(random.Random(0), plain=True)
+    assert plain.count(person.full_name) == 5
+
+
+def test_a_resume_may_change_stage_lengths_and_stage_b_knobs_before_stage_b_only():
+    config = PRESETS["rich"]
+    saved = dataclasses.asdict(config)
+    longer = dataclasses.replace(config, memory_steps=5000, max_old_age=24, checkpoint_every=50)
+    assert _resume_mismatch(saved, longer, step=100) == {}
+    assert _resume_mismatch(saved, longer, step=config.reader_steps) == {"max_old_age": (48, 24)}
+    assert _resume_mismatch(saved, dataclasses.replace(config, text_dropout=0.2), 100) == {
+        "text_dropout": (0.1, 0.2)
+    }
+    # a run saved before a knob existed resumes when the knob keeps its default
+    old = {k: v for k, v in dataclasses.asdict(TrainConfig()).items() if k != "copy_rows"}
+    assert _resume_mismatch(old, TrainConfig(), step=10) == {}
+    assert "copy_rows" in _resume_mismatch(old, dataclasses.replace(TrainConfig(), copy_rows=2), step=10)
+
+
+def test_config_refuses_an_unknown_corpus_and_bad_shares():
+    with pytest.raises(ValueError, match="corpus"):
+        TrainConfig(corpus="wiki")
+    with pytest.raises(ValueError, match="text_dropout"):
+        TrainConfig(text_dropout=1.0)

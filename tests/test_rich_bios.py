@@ -1,0 +1,134 @@
+"""The free-wording biographies (synthetic/rich_bios.py): determinism, answers in the text, and held-out
+wording and names that never occur in training text."""
+
+import random
+import re
+import string
+
+import pytest
+
+from synthetic import bios, rich_bios, wording
+
+
+def _template_pattern(template: str) -> re.Pattern:
+    """A template as a regex over rendered text: its fields (and a leading person reference, which may be
+    a pronoun) match any words within one sentence."""
+    body = re.sub(r"^\{name\}('s)? ", "", template)
+    parts = []
+    for literal, field, _, _ in string.Formatter().parse(body):
+        parts.append(re.escape(literal))
+        if field is not None:
+            parts.append(r"[^.]+?")
+    return re.compile("".join(parts))
+
+
+def _training_texts(n: int = 1500) -> list[str]:
+    rng = random.Random(5)
+    people = rich_bios.generate_people(n, "train", seed=5)
+    texts = [rich_bios.biography(p, rng, "train", scramble_share=0.3) for p in people]
+    texts += [rich_bios.biography(p, rng, "train", plain=True) for p in people[:300]]
+    return texts
+
+
+def test_documents_are_deterministic_and_people_a_prefix():
+    first = list(rich_bios.bio_documents(40, "heldout-wording", seed=2))
+    assert first == list(rich_bios.bio_documents(40, "heldout-wording", seed=2))
+    assert first != list(rich_bios.bio_documents(40, "heldout-wording", seed=3))
+    assert rich_bios.generate_people(10, "train", 1) == rich_bios.generate_people(50, "train", 1)[:10]
+    same_people = rich_bios.generate_people(30, "heldout-names", 1)
+    assert same_people == rich_bios.generate_people(30, "heldout-wording", 1)
+
+
+@pytest.mark.parametrize("split", rich_bios.SPLITS)
+def test_every_answer_occurs_verbatim_in_every_rendering(split):
+    rng = random.Random(0)
+    for person in rich_bios.generate_people(300, split, seed=0):
+        probes = rich_bios.probes(person, rng, split)
+        assert [p.answer for p in probes] == [person.attribute(a) for a in bios.ATTRIBUTES]
+        for text in (rich_bios.biography(person, rng, split),
+                     rich_bios.biography(person, rng, split, plain=True),
+                     rich_bios.biography(person, rng, split, scramble_share=1.0)):
+            assert all(p.answer in text for p in probes), text
+            assert person.full_name in text and "{" not in text and "\0" not in text
+
+
+def test_a_rendering_varies_references_order_and_extras():
+    rng = random.Random(1)
+    person = rich_bios.generate_people(1, "train", seed=1)[0]
+    texts = [rich_bios.biography(person, rng) for _ in range(200)]
+    assert any(re.search(r"\b(She|He|Her|His)\b", t) for t in texts)
+    assert any(t.count(person.full_name) == 1 for t in texts)  # later mentions by surname or pronoun
+    assert len({t.split(".")[0] for t in texts}) > 50
+    plain = rich_bios.biography(person, rng, plain=True)
+    assert plain.count(person.full_name) == len(bios.ATTRIBUTES)
+
+
+def test_heldout_wording_never_occurs_in_training_text():
+    texts = _training_texts()
+    for template in rich_bios.held_out(
+        [t for templates in wording.SENTENCE_TEMPLATES.values() for t in templates]
+    ) + rich_bios.held_out(wording.COMBINED_TEMPLATES) + rich_bios.held_out(wording.COLOUR_SENTENCES):
+        pattern = _template_pattern(template)
+        leaks = [t for t in texts if pattern.search(t)]
+        assert not leaks, f"held-out {template!r} occurs in training text: {leaks[0]!r}"
+
+
+def test_heldout_split_uses_only_heldout_questions_and_names():
+    questions = [wording.QUESTION_TEMPLATES[a] for a in bios.ATTRIBUTES]
+    heldout_questions = {q for phrasings in questions for q in rich_bios.held_out(phrasings)}
+    training_questions = {q for phrasings in questions for q in rich_bios.for_training(phrasings)}
+    assert heldout_questions and not heldout_questions & training_questions
+    phrasings = [re.compile(re.escape(q).replace(r"\{name\}", ".+") + "$") for q in heldout_questions]
+    for document in rich_bios.bio_documents(100, "heldout-wording", seed=4):
+        assert all(any(p.match(probe.question) for p in phrasings) for probe in document.probes)
+    heldout_names = set(rich_bios.held_out(wording.FIRST_NAMES) + rich_bios.held_out(wording.LAST_NAMES))
+    training_words = {w for text in _training_texts(500) for w in re.findall(r"[A-Za-z]+", text)}
+    assert not heldout_names & training_words
+    people = rich_bios.generate_people(400, "heldout-wording", seed=4)
+    assert any(p.first_name in heldout_names for p in people)
+    assert any(p.last_name in heldout_names for p in people)
+
+
+def test_unknown_split_is_refused():
+    with pytest.raises(ValueError, match="unknown split"):
+        rich_bios.generate_people(1, "heldout")
+
+
+def test_foreign_wording_set_is_valid_and_its_answers_are_in_the_text():
+    """tests/data/foreign_wording_docs.jsonl: written by hand, without the generator's templates, for
+    `ckl eval retention --docs`; its values come from the generator's pools."""
+    from pathlib import Path
+
+    from documents.parse import parse_document
+
+    lines = (Path(__file__).parent / "data" / "foreign_wording_docs.jsonl").read_bytes().splitlines()
+    documents = [parse_document(line) for line in lines]
+    probes = [(d, p) for d in documents for p in d.probes]
+    assert len(documents) == 40 and len(probes) > 150
+    pools = set(bios.CITIES + bios.UNIVERSITIES + bios.MAJORS + bios.EMPLOYERS)
+    for document, probe in probes:
+        assert probe.answer in document.text
+        assert probe.answer in pools or re.fullmatch(r"[A-Z][a-z]+ \d{1,2}, \d{4}", probe.answer)
+
+
+def test_data_bios_rich_stream_writes_both_heldout_splits(tmp_path):
+    import argparse
+    import json
+
+    from cli import data as data_cli
+    from documents.parse import parse_document
+
+    parser = argparse.ArgumentParser()
+    data_cli.add_arguments(parser)
+    args = parser.parse_args(["bios", "--out", str(tmp_path), "--stream", "rich", "--train-people", "50",
+                              "--heldout-people", "20", "--filler-docs", "10", "--seed", "3"])
+    assert data_cli.run(args) == 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["stream"] == "rich"
+    assert {name: entry["documents"] for name, entry in manifest["files"].items()} == {
+        "train.jsonl": 50, "heldout_names.jsonl": 20, "heldout_wording.jsonl": 20,
+        "filler_train.jsonl": 10, "filler_heldout.jsonl": 1,
+    }
+    lines = (tmp_path / "heldout_wording.jsonl").read_bytes().splitlines()
+    wording_docs = [parse_document(line) for line in lines]
+    assert wording_docs == list(rich_bios.bio_documents(20, "heldout-wording", seed=3))
