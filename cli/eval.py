@@ -102,7 +102,10 @@ def run(args: argparse.Namespace) -> int:
     if args.bank:
         result["bank"] = {"top_k": args.top_k, "keys": args.keys,
                           "slots": args.slots or model.config.num_tokens, "slot_dtype": args.slot_dtype}
+    result["by_attribute"] = accuracy_by_attribute(result["answers"])
     print(format_table(result))
+    if result["by_attribute"]:
+        print(format_by_attribute(result["by_attribute"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -110,6 +113,30 @@ def run(args: argparse.Namespace) -> int:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot_curve(result, args.plot)
     return 0
+
+
+def accuracy_by_attribute(answers: list[dict]) -> dict[str, dict[int, float]]:
+    """Exact match per attribute (known from the answer's value pool) and number of later injections."""
+    from model.prompts import answers_match
+
+    hits: dict[str, dict[int, list[bool]]] = {}
+    for record in answers:
+        attribute = bios.attribute_of(record["answer"])
+        if attribute is not None:
+            per_later = hits.setdefault(attribute, {})
+            per_later.setdefault(record["later"], []).append(answers_match(record["said"], record["answer"]))
+    return {attribute: {n: sum(h) / len(h) for n, h in sorted(per_later.items())}
+            for attribute, per_later in sorted(hits.items(), key=lambda item: bios.ATTRIBUTES.index(item[0]))}
+
+
+def format_by_attribute(by_attribute: dict[str, dict[int, float]]) -> str:
+    """The per-attribute accuracies as a text table, a column per number of later injections."""
+    later = sorted({n for per_later in by_attribute.values() for n in per_later})
+    lines = ["by attribute " + " ".join(f"{f'later {n}':>9}" for n in later)]
+    for attribute, per_later in by_attribute.items():
+        cells = (f"{100 * per_later[n]:8.1f}%" if n in per_later else f"{'-':>9}" for n in later)
+        lines.append(f"{attribute:<12} " + " ".join(cells))
+    return "\n".join(lines)
 
 
 def heldout_documents(split: str, n: int, seed: int) -> list:

@@ -13,7 +13,8 @@ injections (K dropped at random out of N per injection). The model's pool is res
 With a bank (any object with `add(doc_id, text, tokens)` and `retrieve(questions)`, such as
 compression.retrieval.StreamBank), every injection is also appended to it and every probe is asked
 twice: from the pool alone and with the entries retrieved for the question after the pool; the result
-then has a second curve, "bank_curve", measured on the same injections.
+then has a second curve, "bank_curve", measured on the same injections. Every answer asked after an
+injection is in the result too ("answers": question, truth, what the model said), for error analysis.
 """
 
 from collections.abc import Sequence
@@ -91,15 +92,14 @@ class QueryRunner:
         texts = self.tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)
         return [extract_answer(t) for t in texts]
 
-    def accuracy_hits(self, probes: Sequence[tuple[str, str]], max_new_tokens: int,
-                      batch_size: int = 64, bank: Bank | None = None) -> list[bool]:
-        hits = []
+    def answers_to(self, probes: Sequence[tuple[str, str]], max_new_tokens: int,
+                   batch_size: int = 64, bank: Bank | None = None) -> list[str]:
+        """The model's answers to the probes' questions, in batches (with the bank's entries if given)."""
+        answers = []
         for start in range(0, len(probes), batch_size):
-            batch = probes[start : start + batch_size]
-            questions = [q for q, _ in batch]
-            answers = self.answer(questions, max_new_tokens, bank.retrieve(questions) if bank else None)
-            hits += [answers_match(a, truth) for a, (_, truth) in zip(answers, batch, strict=True)]
-        return hits
+            questions = [q for q, _ in probes[start : start + batch_size]]
+            answers += self.answer(questions, max_new_tokens, bank.retrieve(questions) if bank else None)
+        return answers
 
     @torch.no_grad()
     def lm_loss(self, texts: Sequence[str]) -> float:
@@ -131,10 +131,11 @@ def measure_retention(model, tokenizer, stream: Sequence[ProbedText], later: Seq
     saved = model.memory_state()
     try:
         lm_loss = runner.lm_loss(lm_texts) if lm_texts else None
-        baseline = runner.accuracy_hits(all_probes, max_new_tokens)
+        baseline = _hits(all_probes, runner.answers_to(all_probes, max_new_tokens))
         last_needed = max(probed_steps) + max(later)
         hits: dict[int, list[bool]] = {n: [] for n in later}
         bank_hits: dict[int, list[bool]] = {n: [] for n in later}
+        answers: list[dict] = []
         for step, doc in enumerate(tqdm(stream[: last_needed + 1], desc="retention", unit="injection")):
             for chunk, (text, tokens) in enumerate(runner.inject(doc.text)):
                 if bank is not None:
@@ -143,10 +144,14 @@ def measure_retention(model, tokenizer, stream: Sequence[ProbedText], later: Seq
             questions = [(n, p) for n, index in asked for p in stream[index].probes]
             if questions:
                 probes = [p for _, p in questions]
-                pool_results = runner.accuracy_hits(probes, max_new_tokens)
-                bank_results = runner.accuracy_hits(probes, max_new_tokens, bank=bank) if bank else None
-                for i, (n, _) in enumerate(questions):
+                said = runner.answers_to(probes, max_new_tokens)
+                pool_results = _hits(probes, said)
+                bank_results = None
+                if bank is not None:
+                    bank_results = _hits(probes, runner.answers_to(probes, max_new_tokens, bank=bank))
+                for i, (n, (question, truth)) in enumerate(questions):
                     hits[n].append(pool_results[i])
+                    answers.append({"later": n, "question": question, "answer": truth, "said": said[i]})
                     if bank_results is not None:
                         bank_hits[n].append(bank_results[i])
     finally:
@@ -174,6 +179,7 @@ def measure_retention(model, tokenizer, stream: Sequence[ProbedText], later: Seq
         "bank_curve": bank_curve,
         "lm_loss": lm_loss,
         "lm_perplexity": None if lm_loss is None else float(torch.tensor(lm_loss).exp()),
+        "answers": answers,
     }
 
 
@@ -226,6 +232,10 @@ def plot_curve(result: dict, path, title: str = "Retention after later injection
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def _hits(probes: Sequence[tuple[str, str]], answers: Sequence[str]) -> list[bool]:
+    return [answers_match(said, truth) for said, (_, truth) in zip(answers, probes, strict=True)]
 
 
 def _mean(values: Sequence[bool]) -> float | None:

@@ -193,6 +193,14 @@ class Person:
         return getattr(self, name)
 
 
+def attribute_of(value: str) -> str | None:
+    """Which attribute an answer is a value of (None for a value of no pool): for error analysis."""
+    if re.fullmatch(r"[A-Z][a-z]+ \d{1,2}, \d{4}", value):
+        return "birth_date"
+    pools = {"birth_city": CITIES, "university": UNIVERSITIES, "major": MAJORS, "employer": EMPLOYERS}
+    return next((attribute for attribute, pool in pools.items() if value in pool), None)
+
+
 def name_pools(split: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(first names, last names) of a split; the two splits' name sets are disjoint."""
     _check_split(split)

@@ -131,3 +131,10 @@ def test_data_bios_writes_valid_jsonl_and_a_manifest_deterministically(tmp_path)
         assert all(d.probes for d in documents) == (name in ("train.jsonl", "heldout.jsonl"))
     heldout_names = {p.full_name for p in bios.generate_people(30, "heldout", seed=7)}
     assert not any(name in (tmp_path / "a" / "train.jsonl").read_text() for name in heldout_names)
+
+
+def test_attribute_of_tells_a_value_by_its_pool():
+    person = bios.generate_people(1, "train", seed=0)[0]
+    assert [bios.attribute_of(person.attribute(a)) for a in bios.ATTRIBUTES] == list(bios.ATTRIBUTES)
+    assert bios.attribute_of("Marine Biology") == "major" and bios.attribute_of("Cairo") == "birth_city"
+    assert bios.attribute_of("Cairo University") == "university" and bios.attribute_of("chess") is None

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from model import MemoryLLM
+from model.prompts import answers_match
 from model.tokenizer import load_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +100,10 @@ def test_eval_retention_measures_the_heldout_wording_split(tmp_path):
     assert data["docs"] == "heldout-wording people" and data["documents"] == 3
     assert [p["questions"] for p in data["curve"]] == [15, 15]
     assert data["baseline_accuracy"] <= 0.2
+    assert len(data["answers"]) == 30 and {a["later"] for a in data["answers"]} == {0, 1}
+    assert list(data["by_attribute"]) == ["birth_date", "birth_city", "university", "major", "employer"]
+    fresh = [a for a in data["answers"] if a["later"] == 0]
+    assert data["fresh_accuracy"] == sum(answers_match(a["said"], a["answer"]) for a in fresh) / 15
 
 
 @pytest.mark.parametrize("later", ["-1", "a,b", ""])
