@@ -9,6 +9,12 @@ import argparse
 import math
 
 MAX_PORT = 65_535
+MAX_SEED = 2**64 - 1  # torch.manual_seed takes at most 64 bits
+
+
+def seed_number(text: str) -> int:
+    """A random seed: an integer from 0 to 2**64 - 1 (what torch's generators accept)."""
+    return _int_in_range(text, 0, MAX_SEED)
 
 
 def positive_int(text: str) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cli.argtypes import non_negative_int
+from cli.argtypes import non_negative_int, seed_number
 from documents.model import Document
 from synthetic import bios, filler, rich_bios
 
@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.add_argument("--stream", choices=("bios", "rich"), default="bios",
                      help="bios: the committed model's six templates per attribute (default); rich: free "
                           "wording with held-out wording")
-    sub.add_argument("--seed", type=int, default=0, help="seed for people, texts and filler (default 0)")
+    sub.add_argument("--seed", type=seed_number, default=0,
+                     help="seed for people, texts and filler (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from cli.argtypes import positive_int
+from cli.argtypes import positive_int, seed_number
 from localservices.airflow import airflow_environment, migrate, run_dag
 from localservices.stack import LocalServices
 from model import DEFAULT_CHECKPOINT
@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive_int, default=16,
                         help="messages per DAG run (default: 16)")
     parser.add_argument("--model", type=Path, default=DEFAULT_CHECKPOINT, help="checkpoint directory")
-    parser.add_argument("--seed", type=int, default=None, help="stream seed (default: a new one per run)")
+    parser.add_argument("--seed", type=seed_number, default=None,
+                        help="stream seed (default: a new one per run)")
     return parser
 
 

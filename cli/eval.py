@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cli.argtypes import non_negative_int, positive_int
+from cli.argtypes import non_negative_int, positive_int, seed_number
 from cli.serve import add_retrieval_arguments
 from compression.settings import RetrievalSettings, SlotFormat
 from model import DEFAULT_CHECKPOINT
@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="numbers of later injections to measure at (default 0,1,5,10,20,50,100)")
     sub.add_argument("--filler-docs", type=non_negative_int, default=50,
                      help="held-out filler paragraphs for the LM loss (default 50; 0 to skip)")
-    sub.add_argument("--seed", type=int, default=0, help="seed of the held-out draw and memory drops")
+    sub.add_argument("--seed", type=seed_number, default=0, help="seed of the held-out draw and memory drops")
     sub.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:0, ...")
     bank = sub.add_argument_group("memory bank")
     bank.add_argument("--bank", action="store_true",

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from cli.argtypes import positive_int
+from cli.argtypes import positive_int, seed_number
 from model import DEFAULT_CHECKPOINT
 from runtime.paths import cache_dir
 
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="stop after this many more steps (default: to the end of the preset)")
     parser.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
-    parser.add_argument("--seed", type=int, default=None, help="override the preset's seed")
+    parser.add_argument("--seed", type=seed_number, default=None, help="override the preset's seed")
     parser.add_argument("--device", default=None, help="override the preset's device (auto, cpu, cuda:0)")
     parser.add_argument("--deepspeed-config", type=Path, default=DEFAULT_DS_CONFIG,
                         help="DeepSpeed JSON config (ZeRO stage etc.; default training/ds_config.json)")

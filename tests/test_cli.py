@@ -134,6 +134,9 @@ def test_eval_retention_parses_good_values():
     (("train",), "--steps", "ten", "an integer >= 1"),
     (("report",), "--threshold", "-0.1", "a number from 0 to 1"),
     (("report",), "--threshold", "80", "a number from 0 to 1"),
+    (("train",), "--seed", "-1", "an integer from 0 to 18446744073709551615"),
+    (("eval", "retention"), "--seed", str(2**64), "an integer from 0 to 18446744073709551615"),
+    (("data", "bios", "--out=x"), "--seed", "1.5", "an integer from 0 to 18446744073709551615"),
 ])
 def test_every_command_refuses_an_impossible_value_naming_the_flag_and_the_range(capsys, argv, flag, value,
                                                                                  allowed):
