@@ -13,6 +13,11 @@ earlier episodes whose tokens sit further back in its pool, and models a filler 
 `forward(memory=pools)`. Answering therefore needs lookup by name, not recency. The number of contexts
 per episode grows with a curriculum.
 
+The `rich` preset (the free-wording stream) adds: a plain start (`plain_steps`), rows of random tokens
+said twice (`copy_rows`: copying months and numbers), word-piece dropout on scored texts
+(`text_dropout`), questions further back (`max_old_age`), and in stage B rows that ask about one of a
+few archived entries retrieved after the pool, as `ckl serve` lays out bank entries (`bank_rows`).
+
 The recipe is data-agnostic: a `Corpus` gives documents with their question/answer pairs and filler
 texts (training/corpus.py builds the default one from the synthetic biographies). Runs go through
 `deepspeed.initialize` with the ZeRO stage of a JSON config; device and dtype come from the TrainConfig.
