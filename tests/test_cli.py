@@ -180,8 +180,8 @@ def test_demo_refuses_an_impossible_value_before_starting_anything(capsys, flag,
 def test_demo_parses_good_values_and_keeps_its_defaults():
     from cli import demo
 
-    args = demo.build_parser().parse_args(["--people", "1", "--batch-size", "1", "--seed", "-3"])
-    assert (args.people, args.batch_size, args.seed) == (1, 1, -3)
+    args = demo.build_parser().parse_args(["--people", "1", "--batch-size", "1", "--seed", "3"])
+    assert (args.people, args.batch_size, args.seed) == (1, 1, 3)
     defaults = demo.build_parser().parse_args([])
     assert (defaults.people, defaults.batch_size, defaults.seed) == (40, 16, None)
 
