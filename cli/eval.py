@@ -103,9 +103,12 @@ def run(args: argparse.Namespace) -> int:
         result["bank"] = {"top_k": args.top_k, "keys": args.keys,
                           "slots": args.slots or model.config.num_tokens, "slot_dtype": args.slot_dtype}
     result["by_attribute"] = accuracy_by_attribute(result["answers"])
+    result["wrong_answers"] = wrong_answer_kinds(result["answers"])
     print(format_table(result))
     if result["by_attribute"]:
-        print(format_by_attribute(result["by_attribute"]))
+        print(format_per_later("by attribute", result["by_attribute"]))
+    if result["wrong_answers"]:
+        print(format_per_later("wrong answers", result["wrong_answers"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
@@ -129,13 +132,44 @@ def accuracy_by_attribute(answers: list[dict]) -> dict[str, dict[int, float]]:
             for attribute, per_later in sorted(hits.items(), key=lambda item: bios.ATTRIBUTES.index(item[0]))}
 
 
-def format_by_attribute(by_attribute: dict[str, dict[int, float]]) -> str:
-    """The per-attribute accuracies as a text table, a column per number of later injections."""
-    later = sorted({n for per_later in by_attribute.values() for n in per_later})
-    lines = ["by attribute " + " ".join(f"{f'later {n}':>9}" for n in later)]
-    for attribute, per_later in by_attribute.items():
+WRONG_ANSWER_KINDS = ("another document's", "own, other question", "nobody's")
+
+
+def wrong_answer_kinds(answers: list[dict]) -> dict[str, dict[int, float]]:
+    """Where the wrong answers come from, as shares of the wrong answers per number of later injections:
+    a value another asked document states (the model read the wrong document), a value its own document
+    states for another question (the wrong attribute), or neither (a value it was not shown)."""
+    from model.prompts import answers_match
+
+    truths: dict[int, set[str]] = {}
+    for record in answers:
+        truths.setdefault(record["document"], set()).add(record["answer"])
+    counts: dict[int, dict[str, int]] = {}
+    for record in answers:
+        if answers_match(record["said"], record["answer"]):
+            continue
+        said = record["said"]
+        stated_by = {d for d, values in truths.items() if any(answers_match(said, v) for v in values)}
+        if stated_by - {record["document"]}:
+            kind = WRONG_ANSWER_KINDS[0]
+        elif stated_by:
+            kind = WRONG_ANSWER_KINDS[1]
+        else:
+            kind = WRONG_ANSWER_KINDS[2]
+        per_kind = counts.setdefault(record["later"], dict.fromkeys(WRONG_ANSWER_KINDS, 0))
+        per_kind[kind] += 1
+    return {kind: {n: per_kind[kind] / sum(per_kind.values()) for n, per_kind in sorted(counts.items())}
+            for kind in WRONG_ANSWER_KINDS} if counts else {}
+
+
+def format_per_later(title: str, table: dict[str, dict[int, float]]) -> str:
+    """Shares per row label as a text table, a column per number of later injections."""
+    later = sorted({n for per_later in table.values() for n in per_later})
+    width = max(len(title), *(len(label) for label in table))
+    lines = [f"{title:<{width}} " + " ".join(f"{f'later {n}':>9}" for n in later)]
+    for label, per_later in table.items():
         cells = (f"{100 * per_later[n]:8.1f}%" if n in per_later else f"{'-':>9}" for n in later)
-        lines.append(f"{attribute:<12} " + " ".join(cells))
+        lines.append(f"{label:<{width}} " + " ".join(cells))
     return "\n".join(lines)
 
 

@@ -14,7 +14,8 @@ With a bank (any object with `add(doc_id, text, tokens)` and `retrieve(questions
 compression.retrieval.StreamBank), every injection is also appended to it and every probe is asked
 twice: from the pool alone and with the entries retrieved for the question after the pool; the result
 then has a second curve, "bank_curve", measured on the same injections. Every answer asked after an
-injection is in the result too ("answers": question, truth, what the model said), for error analysis.
+injection is in the result too ("answers": the document's stream position, question, truth, what the
+model said), for error analysis.
 """
 
 from collections.abc import Sequence
@@ -141,17 +142,18 @@ def measure_retention(model, tokenizer, stream: Sequence[ProbedText], later: Seq
                 if bank is not None:
                     bank.add(f"{step}#{chunk}", text, tokens)
             asked = [(n, step - n) for n in later if step - n in probed_steps]
-            questions = [(n, p) for n, index in asked for p in stream[index].probes]
+            questions = [(n, index, p) for n, index in asked for p in stream[index].probes]
             if questions:
-                probes = [p for _, p in questions]
+                probes = [p for _, _, p in questions]
                 said = runner.answers_to(probes, max_new_tokens)
                 pool_results = _hits(probes, said)
                 bank_results = None
                 if bank is not None:
                     bank_results = _hits(probes, runner.answers_to(probes, max_new_tokens, bank=bank))
-                for i, (n, (question, truth)) in enumerate(questions):
+                for i, (n, index, (question, truth)) in enumerate(questions):
                     hits[n].append(pool_results[i])
-                    answers.append({"later": n, "question": question, "answer": truth, "said": said[i]})
+                    answers.append({"later": n, "document": index, "question": question, "answer": truth,
+                                    "said": said[i]})
                     if bank_results is not None:
                         bank_hits[n].append(bank_results[i])
     finally:

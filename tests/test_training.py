@@ -102,6 +102,9 @@ def test_eval_retention_measures_the_heldout_wording_split(tmp_path):
     assert data["baseline_accuracy"] <= 0.2
     assert len(data["answers"]) == 30 and {a["later"] for a in data["answers"]} == {0, 1}
     assert list(data["by_attribute"]) == ["birth_date", "birth_city", "university", "major", "employer"]
+    assert {a["document"] for a in data["answers"]} == {0, 1, 2}
+    for shares in zip(*(per_later.values() for per_later in data["wrong_answers"].values()), strict=True):
+        assert sum(shares) == pytest.approx(1.0)  # every wrong answer has one kind
     fresh = [a for a in data["answers"] if a["later"] == 0]
     assert data["fresh_accuracy"] == sum(answers_match(a["said"], a["answer"]) for a in fresh) / 15
 
@@ -111,3 +114,25 @@ def test_eval_retention_rejects_bad_later_lists(later, tmp_path):
     result = subprocess.run([sys.executable, "-m", "cli", "eval", "retention", "--later", later],
                             cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 2
+
+
+def test_wrong_answers_are_told_apart_by_where_their_value_comes_from():
+    from cli.eval import wrong_answer_kinds
+
+    def said(later, document, answer, value):
+        return {"later": later, "document": document, "question": "?", "answer": answer, "said": value}
+
+    answers = [
+        said(0, 0, "Riga", "Riga"),  # right: not counted
+        said(0, 0, "Physics", "Lima"),  # another document's city
+        said(0, 1, "Lima", "Riga"),  # another document's city
+        said(0, 1, "Oracle", "lima"),  # its own city for another question (case does not matter)
+        said(0, 1, "Nursing", "Chengdu"),  # stated by no document
+        said(1, 0, "Riga", "Nursing"),  # another document's major, one injection later
+    ]
+    assert wrong_answer_kinds(answers) == {
+        "another document's": {0: 0.5, 1: 1.0},
+        "own, other question": {0: 0.25, 1: 0.0},
+        "nobody's": {0: 0.25, 1: 0.0},
+    }
+    assert wrong_answer_kinds(answers[:1]) == {}
