@@ -18,7 +18,9 @@ from model.tokenizer import load_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO_ROOT / "model" / "default"
+RICH_MODEL = REPO_ROOT / "model" / "rich"
 FOREIGN_DOCS = Path(__file__).parent / "data" / "foreign_docs.jsonl"
+FOREIGN_WORDING_DOCS = Path(__file__).parent / "data" / "foreign_wording_docs.jsonl"
 
 
 def ckl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -90,6 +92,21 @@ def test_eval_retention_takes_foreign_documents_with_probes(tmp_path):
     assert data["lm_loss"] is None
     assert data["fresh_accuracy"] >= 6 / 9  # names and wording not of our generator (measured 8/9)
     assert "no-injection baseline" in result.stdout
+
+
+def test_rich_checkpoint_reads_hand_written_wording_the_default_cannot(tmp_path):
+    fresh = {}
+    for name, model in (("default", DEFAULT_MODEL), ("rich", RICH_MODEL)):
+        out_json = tmp_path / f"{name}.json"
+        ckl("eval", "retention", "--model", str(model), "--docs", str(FOREIGN_WORDING_DOCS), "--later", "0",
+            "--filler-docs", "0", "--json", str(out_json), cwd=tmp_path)
+        data = json.loads(out_json.read_text())
+        assert data["documents"] == 36 and data["curve"][0]["questions"] == 156
+        assert data["baseline_accuracy"] <= 0.05
+        fresh[name] = data["fresh_accuracy"]
+    # measured: default 3.8%, rich 40.4% (docs/default_model.md)
+    assert fresh["default"] <= 0.10 and fresh["rich"] >= 0.30
+    assert training_summary(RICH_MODEL)["config"]["corpus"] == "rich"
 
 
 def test_eval_retention_measures_the_heldout_wording_split(tmp_path):
