@@ -139,17 +139,16 @@ def wrong_answer_kinds(answers: list[dict]) -> dict[str, dict[int, float]]:
     """Where the wrong answers come from, as shares of the wrong answers per number of later injections:
     a value another asked document states (the model read the wrong document), a value its own document
     states for another question (the wrong attribute), or neither (a value it was not shown)."""
-    from model.prompts import answers_match
+    from model.prompts import answers_match, normalise_answer
 
-    truths: dict[int, set[str]] = {}
+    documents_stating: dict[str, set[int]] = {}
     for record in answers:
-        truths.setdefault(record["document"], set()).add(record["answer"])
+        documents_stating.setdefault(normalise_answer(record["answer"]), set()).add(record["document"])
     counts: dict[int, dict[str, int]] = {}
     for record in answers:
         if answers_match(record["said"], record["answer"]):
             continue
-        said = record["said"]
-        stated_by = {d for d, values in truths.items() if any(answers_match(said, v) for v in values)}
+        stated_by = documents_stating.get(normalise_answer(record["said"]), set())
         if stated_by - {record["document"]}:
             kind = WRONG_ANSWER_KINDS[0]
         elif stated_by:

@@ -23,9 +23,11 @@ def extract_answer(generated: str) -> str:
     return generated.split("\n", 1)[0].strip()
 
 
+def normalise_answer(text: str) -> str:
+    """An answer as exact match compares it: lower case, single spaces, no surrounding dots."""
+    return " ".join(text.strip().strip(".").lower().split())
+
+
 def answers_match(predicted: str, truth: str) -> bool:
     """Exact match after normalising case and surrounding whitespace/punctuation."""
-    def normalise(text: str) -> str:
-        return " ".join(text.strip().strip(".").lower().split())
-
-    return normalise(predicted) == normalise(truth)
+    return normalise_answer(predicted) == normalise_answer(truth)

@@ -120,6 +120,7 @@ def test_eval_retention_measures_the_heldout_wording_split(tmp_path):
     assert len(data["answers"]) == 30 and {a["later"] for a in data["answers"]} == {0, 1}
     assert list(data["by_attribute"]) == ["birth_date", "birth_city", "university", "major", "employer"]
     assert {a["document"] for a in data["answers"]} == {0, 1, 2}
+    assert list(data["wrong_answers"]) == ["another document's", "own, other question", "nobody's"]
     for shares in zip(*(per_later.values() for per_later in data["wrong_answers"].values()), strict=True):
         assert sum(shares) == pytest.approx(1.0)  # every wrong answer has one kind
     fresh = [a for a in data["answers"] if a["later"] == 0]
