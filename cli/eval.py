@@ -1,4 +1,5 @@
-"""`ckl eval retention`: how well a MemoryLLM recalls injected documents, fresh and after later injections.
+"""`ckl eval retention`: how well a MemoryLLM recalls injected documents, fresh and after later injections;
+`ckl eval reading`: how well it reads documents in the prompt, the person asked about among others.
 
 Without --docs the probed documents are biographies of held-out people (names never seen in training):
 --split heldout (default) draws them from synthetic/bios.py in the wording the committed default model
@@ -56,23 +57,76 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
     sub.add_argument("--plot", type=Path, default=None, help="write the curve as a PNG here")
 
+    reading = evaluations.add_parser(
+        "reading", help="accuracy with biographies in the prompt (no memory), the person among others",
+        description=READING_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    reading.add_argument("--model", type=Path, default=DEFAULT_CHECKPOINT,
+                         help="checkpoint directory (default model/default)")
+    reading.add_argument("--split", choices=SPLITS, default="heldout",
+                         help="held-out people of which stream and wording (as for retention)")
+    reading.add_argument("--documents", type=positive_int, default=64,
+                         help="held-out biographies, grouped into prompts (default 64)")
+    reading.add_argument("--people", type=_people_list, default="1,2,4,8",
+                         help="people per prompt to measure at (default 1,2,4,8)")
+    reading.add_argument("--seed", type=seed_number, default=0, help="seed of the held-out draw")
+    reading.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:0, ...")
+    reading.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
+
+
+READING_DESCRIPTION = """\
+Reading without memory: held-out biographies are put in the prompt, a few people at a time, and every
+question about each of them is asked after them, with the model's pool switched off. With one person
+this measures reading; with more it measures binding, finding the person asked about among others. A
+model that reads values but not whose they are falls to 1/people of its one-person accuracy (the
+"random pick" column), and its wrong answers are the values other people in the prompt state.
+"""
+
 
 def run(args: argparse.Namespace) -> int:
+    loaded = _load_checkpoint(args)
+    if loaded is None:
+        return 2
+    if args.evaluation == "reading":
+        return run_reading(args, *loaded)
+    return run_retention(args, *loaded)
+
+
+def _load_checkpoint(args: argparse.Namespace) -> tuple | None:
+    """(model, tokenizer) of --model on --device, in eval mode; None (after saying why) if it cannot load."""
     import torch
 
-    from documents.parse import InvalidDocument, parse_document
     from model import MemoryLLM
     from model.distributed import resolve_device
     from model.tokenizer import load_tokenizer
-    from monitoring.retention import ProbedText, format_table, measure_retention, plot_curve
 
     try:
         tokenizer = load_tokenizer(args.model)
         model = MemoryLLM.from_pretrained(args.model, torch_dtype=torch.float32)
     except (FileNotFoundError, OSError) as error:
-        print(f"ckl eval retention: cannot load a checkpoint from {args.model}: {error}", file=sys.stderr)
-        return 2
-    model.to(resolve_device(args.device)).eval()
+        print(f"ckl eval {args.evaluation}: cannot load a checkpoint from {args.model}: {error}",
+              file=sys.stderr)
+        return None
+    return model.to(resolve_device(args.device)).eval(), tokenizer
+
+
+def run_reading(args: argparse.Namespace, model, tokenizer) -> int:
+    from monitoring.reading import format_reading, measure_reading
+
+    documents = [_probed(d) for d in heldout_documents(args.split, args.documents, args.seed)]
+    result = measure_reading(model, tokenizer, documents, args.people)
+    result.update(model=str(args.model), split=args.split)
+    print(format_reading(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def run_retention(args: argparse.Namespace, model, tokenizer) -> int:
+    from documents.parse import InvalidDocument, parse_document
+    from monitoring.retention import ProbedText, format_table, measure_retention, plot_curve
+
     heldout = heldout_documents(args.split, args.people + max(args.later), args.seed)
     if args.docs is None:
         stream = [_probed(d) for d in heldout[: args.people]]
@@ -192,4 +246,11 @@ def _later_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from error
     if not values or values[0] < 0:
         raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    return values
+
+
+def _people_list(text: str) -> list[int]:
+    values = _later_list(text)
+    if values[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values

@@ -16,7 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("cli.data", "generate data: `ckl data bios` (biographies with probes, filler text)"),
     "ingest": ("cli.ingest", "consume documents from Kafka into the model server's memory"),
     "train": ("cli.train", "train a MemoryLLM with DeepSpeed (`--preset default`: model/default)"),
-    "eval": ("cli.eval", "evaluate a model: `ckl eval retention` (recall after later injections)"),
+    "eval": ("cli.eval", "evaluate a model: `ckl eval retention` (recall after later injections) or "
+                         "`ckl eval reading` (documents in the prompt)"),
     "bank": ("cli.bank", "inspect the memory bank: `ckl bank ls|show|stats`"),
     "report": ("cli.report", "the retention dashboard (HTML); `--check` alerts on low retention"),
     "snapshots": ("cli.snapshots", "list the server's pool checkpoints: `ckl snapshots list`"),

@@ -28,7 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint directory (default model/default)")
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="stop after this many more steps (default: to the end of the preset)")
-    parser.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
+    start.add_argument("--init-from", type=Path, default=None, metavar="CHECKPOINT",
+                       help="start from this checkpoint's weights and tokenizer (same shape as the preset; "
+                            "a fresh optimiser and step 0) instead of the preset's start")
     parser.add_argument("--seed", type=seed_number, default=None, help="override the preset's seed")
     parser.add_argument("--device", default=None, help="override the preset's device (auto, cpu, cuda:0)")
     parser.add_argument("--deepspeed-config", type=Path, default=DEFAULT_DS_CONFIG,
@@ -44,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
     from training.recipe import PRESETS, load_ds_config, make_trainer, train
 
     config = PRESETS[args.preset]
-    overrides = {k: v for k, v in (("seed", args.seed), ("device", args.device)) if v is not None}
+    init_from = str(args.init_from.resolve()) if args.init_from else None
+    overrides = {k: v for k, v in (("seed", args.seed), ("device", args.device), ("init_from", init_from))
+                 if v is not None}
     config = dataclasses.replace(config, **overrides)
     try:
         trainer = make_trainer(config, build_corpus(config), args.out, args.resume,

@@ -70,17 +70,18 @@ class QueryRunner:
 
     @torch.no_grad()
     def answer(self, questions: Sequence[str], max_new_tokens: int,
-               retrieved: Sequence[torch.Tensor | None] | None = None) -> list[str]:
+               retrieved: Sequence[torch.Tensor | None] | None = None, context: str = "") -> list[str]:
         """Greedy answers (text up to the first newline) to a batch of questions, each with its retrieved
-        memory tokens after the pool when given."""
+        memory tokens after the pool when given, and after `context` (text in the prompt) when given."""
         if retrieved is not None:
             shapes = {None if r is None else tuple(r.shape) for r in retrieved}
             if len(shapes) > 1:  # rows must share one shape: ask them one by one
-                return [self.answer([question], max_new_tokens, [tokens])[0]
+                return [self.answer([question], max_new_tokens, [tokens], context)[0]
                         for question, tokens in zip(questions, retrieved, strict=True)]
             if shapes == {None}:
                 retrieved = None
-        prompts = [self.encode(format_question(q)) for q in questions]
+        context_ids = self.encode(context) if context else []
+        prompts = [context_ids + self.encode(format_question(q)) for q in questions]
         length = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (length - len(p)) + p for p in prompts], device=self.device)

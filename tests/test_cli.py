@@ -57,6 +57,12 @@ def test_help_of_the_model_commands_shows_their_defaults_without_torch(argv):
     assert "torch" not in modules
 
 
+def test_eval_reading_explains_itself_without_torch():
+    help_text, modules = imported_by("eval", "reading", "--help")
+    assert "random pick" in help_text and "--people" in help_text and "1,2,4,8" in help_text
+    assert "torch" not in modules
+
+
 @pytest.mark.parametrize("module", ["compression.settings", "serving.settings", "serving.process"])
 def test_settings_and_the_server_process_import_without_torch(module):
     check = f"import sys, {module}; assert 'torch' not in sys.modules, 'torch imported'"
@@ -117,6 +123,8 @@ def test_eval_retention_parses_good_values():
     (("eval", "retention"), "--filler-docs", "-1", "an integer >= 0"),
     (("eval", "retention"), "--top-k", "0", "an integer >= 1"),
     (("eval", "retention"), "--slots", "-3", "an integer >= 1"),
+    (("eval", "reading"), "--documents", "0", "an integer >= 1"),
+    (("eval", "reading"), "--people", "0,2", "positive integers"),
     (("report",), "--window", "0", "an integer >= 1"),
     (("data", "bios", "--out=x"), "--train-people", "-1", "an integer >= 0"),
     (("ingest",), "--batch-size", "0", "an integer >= 1"),

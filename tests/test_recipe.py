@@ -6,9 +6,19 @@ from pathlib import Path
 
 import pytest
 
+from model import MemoryLLMConfig
 from model.tokenizer import load_tokenizer
 from training.corpus import RichBiosCorpus
-from training.recipe import PRESETS, Encoder, TrainConfig, _resume_mismatch, copy_row
+from training.recipe import (
+    PRESETS,
+    PROJECT_ROOT,
+    Encoder,
+    TrainConfig,
+    _check_shape,
+    _resume_mismatch,
+    copy_row,
+    model_config,
+)
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "model" / "default"
 TEXT = "Lars Mensah was born in Riga on March 3, 1970. She works for Procter & Gamble.\nUnseen: Ümit"
@@ -67,3 +77,11 @@ def test_config_refuses_an_unknown_corpus_and_bad_shares():
         TrainConfig(corpus="wiki")
     with pytest.raises(ValueError, match="text_dropout"):
         TrainConfig(text_dropout=1.0)
+
+
+def test_a_checkpoint_of_the_presets_shape_passes_the_shape_check_and_another_does_not():
+    preset = PRESETS["rich"]
+    found = MemoryLLMConfig.from_pretrained(PROJECT_ROOT / "model" / "rich")
+    _check_shape(found, model_config(preset, found.vocab_size), "model/rich")  # raises on a mismatch
+    with pytest.raises(ValueError, match="hidden_size"):
+        _check_shape(found, model_config(dataclasses.replace(preset, hidden_size=64), found.vocab_size), "x")

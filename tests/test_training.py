@@ -68,6 +68,34 @@ def test_resume_refuses_a_directory_without_trainer_state(tmp_path):
     assert result.returncode == 2 and "trainer_state.pt" in result.stderr
 
 
+def test_init_from_starts_a_run_from_a_checkpoints_weights_and_tokenizer(tmp_path):
+    start, continued, fresh = tmp_path / "start", tmp_path / "continued", tmp_path / "fresh"
+    ckl("train", "--preset", "tiny", "--out", str(start), cwd=REPO_ROOT)
+    ckl("train", "--preset", "tiny", "--seed", "1", "--out", str(fresh), "--steps", "1", cwd=REPO_ROOT)
+    ckl("train", "--preset", "tiny", "--seed", "1", "--init-from", str(start), "--out", str(continued),
+        "--steps", "1", cwd=REPO_ROOT)
+    summary = training_summary(continued)
+    assert summary["step"] == 1 and summary["config"]["init_from"] == str(start)
+    assert (continued / "tokenizer.json").read_bytes() == (start / "tokenizer.json").read_bytes()
+    assert (fresh / "tokenizer.json").read_bytes() != (start / "tokenizer.json").read_bytes()
+
+    def largest_change(directory: Path) -> float:
+        weights = dict(MemoryLLM.from_pretrained(directory).named_parameters())
+        return max((weights[name] - param).abs().max().item()
+                   for name, param in MemoryLLM.from_pretrained(start).named_parameters())
+
+    # one warm-up step of AdamW moves a weight by at most about lr / warmup_steps = 1.5e-3
+    assert largest_change(continued) < 0.005 < largest_change(fresh)
+
+
+def test_init_from_refuses_a_checkpoint_of_another_shape(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "cli", "train", "--preset", "tiny", "--init-from",
+                             str(DEFAULT_MODEL), "--out", str(tmp_path)], cwd=REPO_ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and "shape" in result.stderr and "hidden_size" in result.stderr
+    assert not (tmp_path / "training.json").exists()
+
+
 def test_default_checkpoint_recalls_injected_heldout_people_by_name(tmp_path):
     out_json, out_png = tmp_path / "retention.json", tmp_path / "retention.png"
     ckl("eval", "retention", "--model", str(DEFAULT_MODEL), "--people", "12", "--later", "0,1",
@@ -80,6 +108,19 @@ def test_default_checkpoint_recalls_injected_heldout_people_by_name(tmp_path):
     assert result["fresh_accuracy"] >= 0.75
     assert result["curve"][1]["later"] == 1 and result["curve"][1]["accuracy"] >= 0.75
     assert result["lm_loss"] is not None and result["lm_loss"] < 4.0
+
+
+def test_eval_reading_reads_documents_in_the_prompt_with_the_pool_switched_off(tmp_path):
+    out_json = tmp_path / "reading.json"
+    printed = ckl("eval", "reading", "--model", str(RICH_MODEL), "--split", "heldout-names", "--documents",
+                  "16", "--people", "1,4", "--json", str(out_json), cwd=tmp_path).stdout
+    one, four = json.loads(out_json.read_text())["rows"]
+    assert (one["people"], four["people"]) == (1, 4) and one["questions"] == four["questions"] == 80
+    # the biography in the prompt is read (measured 58% on 64 documents; nothing in the prompt: ~1%)
+    assert one["accuracy"] >= 0.4
+    # model/rich does not bind: with 4 people it answers about 1/4 as often, mostly with another's value
+    assert four["accuracy"] < one["accuracy"] and four["wrong_from_others"] > 0.3
+    assert "random pick" in printed
 
 
 def test_eval_retention_takes_foreign_documents_with_probes(tmp_path):

@@ -42,6 +42,7 @@ from model.memoryllm import MemoryLLM, MemoryLLMConfig
 from model.prompts import format_question
 from model.tokenizer import SPECIAL_TOKENS, load_tokenizer, save_tokenizer, train_tokenizer
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DS_CONFIG = Path(__file__).with_name("ds_config.json")
 TRAINER_STATE_FILE = "trainer_state.pt"
 TRAINING_SUMMARY_FILE = "training.json"
@@ -109,6 +110,8 @@ class TrainConfig:
     copy_rows: int = 0  # stage A: rows per step of random tokens said twice, scored on the repeat
     copy_length: int = 32  # ... tokens said in each half
     text_dropout: float = 0.0  # chance that a word of a scored text is split at a random point
+    # start from this checkpoint's weights and tokenizer (a directory; relative: to the project root)
+    init_from: str = ""
 
     def __post_init__(self):
         if self.corpus not in CORPORA:
@@ -164,8 +167,13 @@ class Corpus(Protocol):
 
 def build_model(config: TrainConfig, vocab_size: int) -> MemoryLLM:
     """A fresh MemoryLLM of the config's shape (tied embeddings, uninitialised pool)."""
+    return MemoryLLM(model_config(config, vocab_size))
+
+
+def model_config(config: TrainConfig, vocab_size: int) -> MemoryLLMConfig:
+    """The MemoryLLM config of a TrainConfig's shape."""
     pool_size = config.num_blocks * config.num_tokens
-    model_config = MemoryLLMConfig(
+    return MemoryLLMConfig(
         vocab_size=vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
         num_key_value_heads=config.num_heads, max_position_embeddings=config.max_position_embeddings,
@@ -173,7 +181,6 @@ def build_model(config: TrainConfig, vocab_size: int) -> MemoryLLM:
         drop_memory_per_layer=config.drop_memory_per_layer, tie_word_embeddings=True,
         pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.02,
     )
-    return MemoryLLM(model_config)
 
 
 # --------------------------------------------------------------------------------------------- batches
@@ -599,14 +606,16 @@ def make_trainer(config: TrainConfig, corpus: Corpus, out_dir: Path, resume: boo
         mismatch = _resume_mismatch(summary["config"], config, summary["step"])
         if mismatch:
             raise ValueError(f"--resume: {out_dir} was trained with another config (saved, new): {mismatch}")
-        tokenizer = load_tokenizer(out_dir)
-        model = MemoryLLM.from_pretrained(out_dir, torch_dtype=getattr(torch, config.dtype))
-        model.set_memory_state(MemoryState(model.memory.detach(), 0, 0, False))  # training passes pools
+        tokenizer, model = _load_checkpoint(out_dir, config)
         trainer = Trainer(config, corpus, tokenizer, model, ds_config, device)
         trainer.restore(out_dir)
         if summary["config"]["reader_steps"] != config.reader_steps and trainer.step > config.reader_steps:
             raise ValueError(f"--resume: {out_dir} is at step {trainer.step}, past the new end of stage A")
         return trainer
+    if config.init_from:
+        tokenizer, model = _load_checkpoint(PROJECT_ROOT / config.init_from, config)
+        _check_shape(model.config, model_config(config, len(tokenizer)), config.init_from)
+        return Trainer(config, corpus, tokenizer, model, ds_config, device)
     tokenizer_rng = random.Random(f"ckl-train-tokenizer:{config.seed}")
     texts = [corpus.document(tokenizer_rng)[0] for _ in range(config.tokenizer_people)]
     texts += [format_question(q) + " " + a for _ in range(config.tokenizer_people // 4)
@@ -615,6 +624,29 @@ def make_trainer(config: TrainConfig, corpus: Corpus, out_dir: Path, resume: boo
     tokenizer = train_tokenizer(texts, config.vocab_size)
     model = build_model(config, len(tokenizer))
     return Trainer(config, corpus, tokenizer, model, ds_config, device)
+
+
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "num_tokens", "num_blocks", "max_position_embeddings")
+
+
+def _load_checkpoint(directory: Path, config: TrainConfig) -> tuple:
+    """(tokenizer, model) of a saved checkpoint, its pool left for training to pass in explicitly."""
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"no checkpoint (config.json) in {directory}")
+    tokenizer = load_tokenizer(directory)
+    model = MemoryLLM.from_pretrained(directory, torch_dtype=getattr(torch, config.dtype))
+    model.set_memory_state(MemoryState(model.memory.detach(), 0, 0, False))  # training passes pools
+    return tokenizer, model
+
+
+def _check_shape(found: MemoryLLMConfig, wanted: MemoryLLMConfig, source: str) -> None:
+    """Refuse to start from a checkpoint whose shape is not the config's."""
+    differing = {f: (getattr(found, f), getattr(wanted, f)) for f in SHAPE_FIELDS
+                 if getattr(found, f) != getattr(wanted, f)}
+    if differing:
+        raise ValueError(f"init_from {source}: the checkpoint's shape is not the preset's "
+                         f"(checkpoint, preset): {differing}")
 
 
 def train(trainer: Trainer, out_dir: Path, steps: int | None = None,
