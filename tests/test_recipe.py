@@ -70,6 +70,9 @@ def test_a_resume_may_change_stage_lengths_and_stage_b_knobs_before_stage_b_only
     old = {k: v for k, v in dataclasses.asdict(TrainConfig()).items() if k != "copy_rows"}
     assert _resume_mismatch(old, TrainConfig(), step=10) == {}
     assert "copy_rows" in _resume_mismatch(old, dataclasses.replace(TrainConfig(), copy_rows=2), step=10)
+    # a run started with --init-from resumes without it (the checkpoint in --out has the weights)
+    started = dataclasses.asdict(dataclasses.replace(config, init_from="/somewhere/model/rich"))
+    assert _resume_mismatch(started, config, step=100) == {}
 
 
 def test_config_refuses_an_unknown_corpus_and_bad_shares():

@@ -86,6 +86,9 @@ def test_init_from_starts_a_run_from_a_checkpoints_weights_and_tokenizer(tmp_pat
 
     # one warm-up step of AdamW moves a weight by at most about lr / warmup_steps = 1.5e-3
     assert largest_change(continued) < 0.005 < largest_change(fresh)
+    ckl("train", "--preset", "tiny", "--seed", "1", "--out", str(continued), "--resume", cwd=REPO_ROOT)
+    resumed = training_summary(continued)
+    assert resumed["step"] == resumed["config"]["reader_steps"] + resumed["config"]["memory_steps"] > 1
 
 
 def test_init_from_refuses_a_checkpoint_of_another_shape(tmp_path):

@@ -583,7 +583,7 @@ def _resume_mismatch(saved: dict, config: TrainConfig, step: int) -> dict[str, t
     the stage lengths (a stage can be extended, or ended at a checkpoint still inside it), the checkpoint
     interval, and stage B's knobs while stage B has not begun. A field the saved config lacks (added to
     the recipe later) counts as its default."""
-    free = {"reader_steps", "memory_steps", "checkpoint_every"}
+    free = {"reader_steps", "memory_steps", "checkpoint_every", "init_from"}  # init_from: the start only
     if step < saved["reader_steps"]:
         free |= set(STAGE_B_FIELDS)
     defaults = dataclasses.asdict(TrainConfig())
@@ -594,7 +594,8 @@ def _resume_mismatch(saved: dict, config: TrainConfig, step: int) -> dict[str, t
 
 def make_trainer(config: TrainConfig, corpus: Corpus, out_dir: Path, resume: bool, ds_config: dict,
                  cache_dir: Path) -> Trainer:
-    """A fresh run (tokenizer trained on the corpus, new model) or one resumed from out_dir."""
+    """A fresh run (tokenizer trained on the corpus, new model), one that starts from the weights and
+    tokenizer of config.init_from, or one resumed from out_dir."""
     prepare_distributed_env(cache_dir)
     random.seed(config.seed)
     torch.manual_seed(config.seed)
