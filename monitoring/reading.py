@@ -46,7 +46,7 @@ def measure_reading(model, tokenizer, documents: Sequence[ProbedText],
                             others.append(normalise_answer(answer) in other_values)
             rows.append({"people": count, "questions": len(hits),
                          "accuracy": sum(hits) / len(hits) if hits else None,
-                         "wrong_from_others": sum(others) / len(others) if others else None})
+                         "wrong_from_others": sum(others) / len(others) if others and count > 1 else None})
     finally:
         model.set_memory_state(saved)
     return {"documents": len(documents), "rows": rows}
