@@ -36,12 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "retention", help="exact-match recall right after injection and after n later injections",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub.add_argument("--model", type=Path, default=DEFAULT_CHECKPOINT,
-                     help="checkpoint directory (default model/default)")
+    _add_shared_arguments(sub)
     sub.add_argument("--docs", type=Path, default=None,
                      help="JSONL documents with probes (default: held-out people)")
-    sub.add_argument("--split", choices=SPLITS, default="heldout",
-                     help="held-out people of which stream and wording (default heldout; see above)")
     sub.add_argument("--people", type=positive_int, default=100,
                      help="held-out people probed without --docs (default 100)")
     sub.add_argument("--later", type=_later_list, default="0,1,5,10,20,50,100",
@@ -49,29 +46,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.add_argument("--filler-docs", type=non_negative_int, default=50,
                      help="held-out filler paragraphs for the LM loss (default 50; 0 to skip)")
     sub.add_argument("--seed", type=seed_number, default=0, help="seed of the held-out draw and memory drops")
-    sub.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:0, ...")
     bank = sub.add_argument_group("memory bank")
     bank.add_argument("--bank", action="store_true",
                       help="also answer with retrieval from a memory bank fed by the same injections")
     add_retrieval_arguments(bank)
-    sub.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
     sub.add_argument("--plot", type=Path, default=None, help="write the curve as a PNG here")
 
     reading = evaluations.add_parser(
         "reading", help="accuracy with biographies in the prompt (no memory), the person among others",
         description=READING_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    reading.add_argument("--model", type=Path, default=DEFAULT_CHECKPOINT,
-                         help="checkpoint directory (default model/default)")
-    reading.add_argument("--split", choices=SPLITS, default="heldout",
-                         help="held-out people of which stream and wording (as for retention)")
+    _add_shared_arguments(reading)
     reading.add_argument("--documents", type=positive_int, default=64,
                          help="held-out biographies, grouped into prompts (default 64)")
     reading.add_argument("--people", type=_people_list, default="1,2,4,8",
                          help="people per prompt to measure at (default 1,2,4,8)")
     reading.add_argument("--seed", type=seed_number, default=0, help="seed of the held-out draw")
-    reading.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:0, ...")
-    reading.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
+
+
+def _add_shared_arguments(sub: argparse.ArgumentParser) -> None:
+    """The arguments every evaluation takes: checkpoint, held-out split, device, JSON output."""
+    sub.add_argument("--model", type=Path, default=DEFAULT_CHECKPOINT,
+                     help="checkpoint directory (default model/default)")
+    sub.add_argument("--split", choices=SPLITS, default="heldout",
+                     help="held-out people of which stream and wording "
+                          "(default heldout; the splits: `ckl eval retention -h`)")
+    sub.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:0, ...")
+    sub.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
 
 
 READING_DESCRIPTION = """\

@@ -12,7 +12,7 @@ values that other people in the prompt state ("others' values").
 from collections.abc import Sequence
 
 from model.memory_pool import MemoryState
-from model.prompts import answers_match, normalise_answer
+from model.prompts import answers_match
 from monitoring.retention import ProbedText, QueryRunner
 
 DEFAULT_PEOPLE = (1, 2, 4, 8)
@@ -35,15 +35,14 @@ def measure_reading(model, tokenizer, documents: Sequence[ProbedText],
             hits, others = [], []
             for start in range(0, len(documents) - count + 1, count):
                 group = documents[start : start + count]
+                asked = [(index, q, truth) for index, doc in enumerate(group) for q, truth in doc.probes]
                 context = "".join(doc.text + "\n" for doc in group)
-                for index, doc in enumerate(group):
-                    said = runner.answer([q for q, _ in doc.probes], max_new_tokens, context=context)
-                    other_values = {normalise_answer(a) for i, other in enumerate(group) if i != index
-                                    for _, a in other.probes}
-                    for answer, (_, truth) in zip(said, doc.probes, strict=True):
-                        hits.append(answers_match(answer, truth))
-                        if not hits[-1]:
-                            others.append(normalise_answer(answer) in other_values)
+                said = runner.answer([q for _, q, _ in asked], max_new_tokens, context=context)
+                for answer, (index, _, truth) in zip(said, asked, strict=True):
+                    hits.append(answers_match(answer, truth))
+                    if not hits[-1]:
+                        stated_by = {i for i, _, value in asked if answers_match(answer, value)}
+                        others.append(bool(stated_by - {index}))
             rows.append({"people": count, "questions": len(hits),
                          "accuracy": sum(hits) / len(hits) if hits else None,
                          "wrong_from_others": sum(others) / len(others) if others and count > 1 else None})

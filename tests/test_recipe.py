@@ -11,7 +11,6 @@ from model.tokenizer import load_tokenizer
 from training.corpus import RichBiosCorpus
 from training.recipe import (
     PRESETS,
-    PROJECT_ROOT,
     Encoder,
     TrainConfig,
     _check_shape,
@@ -84,7 +83,7 @@ def test_config_refuses_an_unknown_corpus_and_bad_shares():
 
 def test_a_checkpoint_of_the_presets_shape_passes_the_shape_check_and_another_does_not():
     preset = PRESETS["rich"]
-    found = MemoryLLMConfig.from_pretrained(PROJECT_ROOT / "model" / "rich")
+    found = MemoryLLMConfig.from_pretrained(DEFAULT_MODEL.parent / "rich")
     _check_shape(found, model_config(preset, found.vocab_size), "model/rich")  # raises on a mismatch
     with pytest.raises(ValueError, match="hidden_size"):
         _check_shape(found, model_config(dataclasses.replace(preset, hidden_size=64), found.vocab_size), "x")

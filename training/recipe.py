@@ -42,7 +42,6 @@ from model.memoryllm import MemoryLLM, MemoryLLMConfig
 from model.prompts import format_question
 from model.tokenizer import SPECIAL_TOKENS, load_tokenizer, save_tokenizer, train_tokenizer
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DS_CONFIG = Path(__file__).with_name("ds_config.json")
 TRAINER_STATE_FILE = "trainer_state.pt"
 TRAINING_SUMMARY_FILE = "training.json"
@@ -110,8 +109,7 @@ class TrainConfig:
     copy_rows: int = 0  # stage A: rows per step of random tokens said twice, scored on the repeat
     copy_length: int = 32  # ... tokens said in each half
     text_dropout: float = 0.0  # chance that a word of a scored text is split at a random point
-    # start from this checkpoint's weights and tokenizer (a directory; relative: to the project root)
-    init_from: str = ""
+    init_from: str = ""  # start from the weights and tokenizer of this checkpoint directory
 
     def __post_init__(self):
         if self.corpus not in CORPORA:
@@ -614,7 +612,7 @@ def make_trainer(config: TrainConfig, corpus: Corpus, out_dir: Path, resume: boo
             raise ValueError(f"--resume: {out_dir} is at step {trainer.step}, past the new end of stage A")
         return trainer
     if config.init_from:
-        tokenizer, model = _load_checkpoint(PROJECT_ROOT / config.init_from, config)
+        tokenizer, model = _load_checkpoint(Path(config.init_from), config)
         _check_shape(model.config, model_config(config, len(tokenizer)), config.init_from)
         return Trainer(config, corpus, tokenizer, model, ds_config, device)
     tokenizer_rng = random.Random(f"ckl-train-tokenizer:{config.seed}")
