@@ -12,9 +12,12 @@ Splits:
 - "heldout-wording": held-out names, held-out sentence templates, combined sentences, side sentences and
   question phrasings. None of these ever occurs in training text.
 
-A `plain` rendering (one template sentence per attribute, full name each time, nothing else) is the
-easy first phase of the training recipe. A scrambled sentence states the value among random words, so
-only the value's type tells the attribute. Everything is deterministic in the seed and the rng state.
+A `plain` rendering (one template sentence per attribute, each naming the person in full before the
+value, nothing else) and `plain` questions (each attribute's first phrasing) are the easy start of the
+training recipe: a small model learns to bind values to names there, where the name always comes first,
+and not from the start on the full stream (docs/default_model.md). A scrambled sentence states the
+value among random words, so only the value's type tells the attribute. Everything is deterministic in
+the seed and the rng state.
 """
 
 import functools
@@ -112,7 +115,8 @@ def biography(person: bios.Person, rng: random.Random, split: str = "train", pla
     order = list(bios.ATTRIBUTES)
     rng.shuffle(order)
     if plain:
-        return " ".join(_fill(rng.choice(words.sentences[a]), person.full_name, person) for a in order)
+        return " ".join(_fill(rng.choice(names_first(words.sentences[a])), person.full_name, person)
+                        for a in order)
     templates = _attribute_sentences(order, words, rng)
     for _ in range(rng.randint(*SIDE_SENTENCES)):
         templates.insert(rng.randint(1, len(templates)), rng.choice(words.side))
@@ -130,11 +134,19 @@ def biography(person: bios.Person, rng: random.Random, split: str = "train", pla
     return " ".join(sentences)
 
 
-def probes(person: bios.Person, rng: random.Random, split: str = "train") -> tuple[Probe, ...]:
-    """One question per attribute in ATTRIBUTES order, each in a phrasing of the split drawn from rng."""
+def probes(person: bios.Person, rng: random.Random, split: str = "train", plain: bool = False
+           ) -> tuple[Probe, ...]:
+    """One question per attribute in ATTRIBUTES order, each in a phrasing of the split drawn from rng
+    (`plain`: the split's first phrasing, drawing nothing)."""
     questions = wording_of(split).questions
-    return tuple(Probe(question=rng.choice(questions[a]).format(name=person.full_name),
-                       answer=person.attribute(a)) for a in bios.ATTRIBUTES)
+    return tuple(Probe(question=(questions[a][0] if plain else rng.choice(questions[a])).format(
+        name=person.full_name), answer=person.attribute(a)) for a in bios.ATTRIBUTES)
+
+
+@functools.cache
+def names_first(templates: tuple[str, ...]) -> tuple[str, ...]:
+    """The templates that name the person before they state the value."""
+    return tuple(t for t in templates if t.index("{name}") < t.index("{value}"))
 
 
 def bio_documents(n: int, split: str = "train", seed: int = 0) -> Iterator[Document]:

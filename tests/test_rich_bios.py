@@ -63,6 +63,22 @@ def test_a_rendering_varies_references_order_and_extras():
     assert plain.count(person.full_name) == len(bios.ATTRIBUTES)
 
 
+def test_a_plain_rendering_names_the_person_before_each_value_and_plain_questions_draw_nothing():
+    rng = random.Random(2)
+    for person in rich_bios.generate_people(200, "train", seed=2):
+        text = rich_bios.biography(person, rng, plain=True)
+        before, *sentences = text.split(person.full_name)
+        assert before == "" and len(sentences) == len(bios.ATTRIBUTES)
+        for sentence in sentences:  # each mention of the name is followed by exactly one value
+            assert sum(person.attribute(a) in sentence for a in bios.ATTRIBUTES) == 1, text
+        state = rng.getstate()
+        questions = [p.question for p in rich_bios.probes(person, rng, plain=True)]
+        assert rng.getstate() == state
+        assert questions == [rich_bios.wording_of("train").questions[a][0].format(name=person.full_name)
+                             for a in bios.ATTRIBUTES]
+    assert all(len(rich_bios.names_first(t)) >= 20 for t in rich_bios.wording_of("train").sentences.values())
+
+
 def test_heldout_wording_never_occurs_in_training_text():
     texts = _training_texts()
     for template in rich_bios.held_out(

@@ -35,7 +35,8 @@ class BiosCorpus:
 
 class RichBiosCorpus:
     """Training biographies of the rich stream, asked in training phrasings (plus, optionally, the parts
-    of the birth date); `scramble_share` of the attribute sentences of a full rendering are scrambled."""
+    of the birth date); `scramble_share` of the attribute sentences of a full rendering are scrambled.
+    A plain document is a plain rendering asked in plain questions (synthetic/rich_bios.py)."""
 
     def __init__(self, seed: int, people: int = TRAIN_PEOPLE, scramble_share: float = 0.0,
                  date_parts: bool = False):
@@ -45,7 +46,7 @@ class RichBiosCorpus:
     def document(self, rng: random.Random, plain: bool = False) -> tuple[str, list[tuple[str, str]]]:
         person = rng.choice(self.people)
         text = rich_bios.biography(person, rng, "train", plain=plain, scramble_share=self.scramble_share)
-        qas = [(p.question, p.answer) for p in rich_bios.probes(person, rng, "train")]
+        qas = [(p.question, p.answer) for p in rich_bios.probes(person, rng, "train", plain)]
         if self.date_parts:
             qas += [(question.format(name=person.full_name), answer(person.born))
                     for question, answer in DATE_PART_QUESTIONS]

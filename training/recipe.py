@@ -13,8 +13,9 @@ earlier episodes whose tokens sit further back in its pool, and models a filler 
 `forward(memory=pools)`. Answering therefore needs lookup by name, not recency. The number of contexts
 per episode grows with a curriculum.
 
-The `rich` preset (the free-wording stream) adds: a plain start (`plain_steps`), rows of random tokens
-said twice (`copy_rows`: copying months and numbers), word-piece dropout on scored texts
+The `rich` preset (the free-wording stream) adds: a plain start (`plain_steps`: plain documents, whole
+words; binding to names is learned there, where every sentence names its person before the value), rows
+of random tokens said twice (`copy_rows`: copying months and numbers), word-piece dropout on scored texts
 (`text_dropout`), questions further back (`max_old_age`), and in stage B rows that ask about one of a
 few archived entries retrieved after the pool, as `ckl serve` lays out bank entries (`bank_rows`).
 
@@ -105,7 +106,7 @@ class TrainConfig:
     corpus: str = "bios"  # "bios": six templates per attribute; "rich": free wording (synthetic/rich_bios.py)
     scramble_share: float = 0.0  # rich: share of attribute sentences stated among random words
     date_part_questions: bool = False  # rich: also ask a birth date's month, day and year
-    plain_steps: int = 0  # stage A's first steps read plain biographies (one template sentence each)
+    plain_steps: int = 0  # stage A's first steps: plain documents (corpus.document(plain)), whole words
     copy_rows: int = 0  # stage A: rows per step of random tokens said twice, scored on the repeat
     copy_length: int = 32  # ... tokens said in each half
     text_dropout: float = 0.0  # chance that a word of a scored text is split at a random point
@@ -134,7 +135,7 @@ PRESETS: dict[str, TrainConfig] = {
     # the free-wording recipe: rich stream, a plain start, date parts, copy rows, word-piece dropout,
     # longer stages, questions about people up to N/K x 3 injections back, rows that read bank entries
     "rich": TrainConfig(
-        corpus="rich", scramble_share=0.3, date_part_questions=True, plain_steps=1600, copy_rows=2,
+        corpus="rich", scramble_share=0.3, date_part_questions=True, plain_steps=2000, copy_rows=2,
         text_dropout=0.1, reader_steps=3600, memory_steps=3600, max_old_age=48, bank_rows=4,
     ),
     # a few-step smoke run (tests, CI): same recipe, tiny shapes
@@ -377,19 +378,20 @@ class Trainer:
             text_weight, questions = c.reader_text_weight_after, c.reader_questions_after
         max_people = low + round(min(1.0, ramp / max(1, c.curriculum_steps)) * (high - low))
         plain = self.step < c.plain_steps
+        cut_rng = None if plain else rng  # the plain start reads whole words (no word-piece dropout)
         rows = Rows()
         for _ in range(c.reader_batch):
             documents = [self.corpus.document(rng, plain) for _ in range(rng.randint(1, max_people))]
             qas = [qa for _, doc_qas in documents for qa in doc_qas]
             row = RowBuilder()
             for text, _ in documents:
-                row.text(self.encode.text(text + "\n", text_weight, rng))
+                row.text(self.encode.text(text + "\n", text_weight, cut_rng))
             tag = "single" if len(documents) == 1 else "among"
             for question, answer in rng.sample(qas, min(len(qas), questions)):
                 row.qa(self.encode.qa(question, answer), tag)
             row.add_to(rows)
         for _ in range(c.filler_rows):
-            rows.add(*self.encode.text(self.corpus.filler(rng), 1.0, rng))
+            rows.add(*self.encode.text(self.corpus.filler(rng), 1.0, cut_rng))
         for _ in range(c.copy_rows):
             rows.add(*copy_row(rng, c.copy_length, len(self.tokenizer)))
         ids, mask, weights = to_batch(rows, self.device)
