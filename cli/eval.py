@@ -126,6 +126,7 @@ def run_reading(args: argparse.Namespace, model, tokenizer) -> int:
 
 def run_retention(args: argparse.Namespace, model, tokenizer) -> int:
     from documents.parse import InvalidDocument, parse_document
+    from monitoring.answers import accuracy_by_attribute, format_per_later, wrong_answer_kinds
     from monitoring.retention import ProbedText, format_table, measure_retention, plot_curve
 
     heldout = heldout_documents(args.split, args.people + max(args.later), args.seed)
@@ -171,60 +172,6 @@ def run_retention(args: argparse.Namespace, model, tokenizer) -> int:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot_curve(result, args.plot)
     return 0
-
-
-def accuracy_by_attribute(answers: list[dict]) -> dict[str, dict[int, float]]:
-    """Exact match per attribute (known from the answer's value pool) and number of later injections."""
-    from model.prompts import answers_match
-
-    hits: dict[str, dict[int, list[bool]]] = {}
-    for record in answers:
-        attribute = bios.attribute_of(record["answer"])
-        if attribute is not None:
-            per_later = hits.setdefault(attribute, {})
-            per_later.setdefault(record["later"], []).append(answers_match(record["said"], record["answer"]))
-    return {attribute: {n: sum(h) / len(h) for n, h in sorted(per_later.items())}
-            for attribute, per_later in sorted(hits.items(), key=lambda item: bios.ATTRIBUTES.index(item[0]))}
-
-
-WRONG_ANSWER_KINDS = ("another document's", "own, other question", "nobody's")
-
-
-def wrong_answer_kinds(answers: list[dict]) -> dict[str, dict[int, float]]:
-    """Where the wrong answers come from, as shares of the wrong answers per number of later injections:
-    a value another asked document states (the model read the wrong document), a value its own document
-    states for another question (the wrong attribute), or neither (a value it was not shown)."""
-    from model.prompts import answers_match, normalise_answer
-
-    documents_stating: dict[str, set[int]] = {}
-    for record in answers:
-        documents_stating.setdefault(normalise_answer(record["answer"]), set()).add(record["document"])
-    counts: dict[int, dict[str, int]] = {}
-    for record in answers:
-        if answers_match(record["said"], record["answer"]):
-            continue
-        stated_by = documents_stating.get(normalise_answer(record["said"]), set())
-        if stated_by - {record["document"]}:
-            kind = WRONG_ANSWER_KINDS[0]
-        elif stated_by:
-            kind = WRONG_ANSWER_KINDS[1]
-        else:
-            kind = WRONG_ANSWER_KINDS[2]
-        per_kind = counts.setdefault(record["later"], dict.fromkeys(WRONG_ANSWER_KINDS, 0))
-        per_kind[kind] += 1
-    return {kind: {n: per_kind[kind] / sum(per_kind.values()) for n, per_kind in sorted(counts.items())}
-            for kind in WRONG_ANSWER_KINDS} if counts else {}
-
-
-def format_per_later(title: str, table: dict[str, dict[int, float]]) -> str:
-    """Shares per row label as a text table, a column per number of later injections."""
-    later = sorted({n for per_later in table.values() for n in per_later})
-    width = max(len(title), *(len(label) for label in table))
-    lines = [f"{title:<{width}} " + " ".join(f"{f'later {n}':>9}" for n in later)]
-    for label, per_later in table.items():
-        cells = (f"{100 * per_later[n]:8.1f}%" if n in per_later else f"{'-':>9}" for n in later)
-        lines.append(f"{label:<{width}} " + " ".join(cells))
-    return "\n".join(lines)
 
 
 def heldout_documents(split: str, n: int, seed: int) -> list:

@@ -179,7 +179,7 @@ def test_eval_retention_rejects_bad_later_lists(later, tmp_path):
 
 
 def test_wrong_answers_are_told_apart_by_where_their_value_comes_from():
-    from cli.eval import wrong_answer_kinds
+    from monitoring.answers import wrong_answer_kinds
 
     def said(later, document, answer, value):
         return {"later": later, "document": document, "question": "?", "answer": answer, "said": value}
