@@ -126,7 +126,7 @@ def run_reading(args: argparse.Namespace, model, tokenizer) -> int:
 
 def run_retention(args: argparse.Namespace, model, tokenizer) -> int:
     from documents.parse import InvalidDocument, parse_document
-    from monitoring.answers import accuracy_by_attribute, format_per_later, wrong_answer_kinds
+    from monitoring.answers import format_per_later, wrong_answer_kinds
     from monitoring.retention import ProbedText, format_table, measure_retention, plot_curve
 
     heldout = heldout_documents(args.split, args.people + max(args.later), args.seed)
@@ -172,6 +172,20 @@ def run_retention(args: argparse.Namespace, model, tokenizer) -> int:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot_curve(result, args.plot)
     return 0
+
+
+def accuracy_by_attribute(answers: list[dict]) -> dict[str, dict[int, float]]:
+    """Exact match per attribute (known from the answer's value pool) and number of later injections."""
+    from model.prompts import answers_match
+
+    hits: dict[str, dict[int, list[bool]]] = {}
+    for record in answers:
+        attribute = bios.attribute_of(record["answer"])
+        if attribute is not None:
+            per_later = hits.setdefault(attribute, {})
+            per_later.setdefault(record["later"], []).append(answers_match(record["said"], record["answer"]))
+    return {attribute: {n: sum(h) / len(h) for n, h in sorted(per_later.items())}
+            for attribute, per_later in sorted(hits.items(), key=lambda item: bios.ATTRIBUTES.index(item[0]))}
 
 
 def heldout_documents(split: str, n: int, seed: int) -> list:

@@ -1,21 +1,7 @@
-"""Error analysis of the answers `measure_retention` records: exact match per attribute, and where the
-wrong answers come from, each per number of later injections."""
+"""Error analysis of the answers `measure_retention` records: where the wrong answers come from, per
+number of later injections, and a text table of such shares."""
 
 from model.prompts import answers_match, normalise_answer
-from synthetic import bios
-
-
-def accuracy_by_attribute(answers: list[dict]) -> dict[str, dict[int, float]]:
-    """Exact match per attribute (known from the answer's value pool) and number of later injections."""
-    hits: dict[str, dict[int, list[bool]]] = {}
-    for record in answers:
-        attribute = bios.attribute_of(record["answer"])
-        if attribute is not None:
-            per_later = hits.setdefault(attribute, {})
-            per_later.setdefault(record["later"], []).append(answers_match(record["said"], record["answer"]))
-    return {attribute: {n: sum(h) / len(h) for n, h in sorted(per_later.items())}
-            for attribute, per_later in sorted(hits.items(), key=lambda item: bios.ATTRIBUTES.index(item[0]))}
-
 
 WRONG_ANSWER_KINDS = ("another document's", "own, other question", "nobody's")
 
