@@ -59,9 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="... or after this many seconds, whichever comes first (default: %(default)g)")
     parser.add_argument("--max-waiting-queries", type=non_negative_int, default=DEFAULT_MAX_WAITING_QUERIES,
                         metavar="N",
-                        help="most queries waiting for the model; one more gets 503 with Retry-After "
-                             "(0: none wait, a query arriving while another is answered is refused; writes "
-                             "are never refused for it; default: %(default)s)")
+                        help="most queries waiting for the model; one more gets 503 with Retry-After, "
+                             "about as long as recent queries took to be answered (0: none wait, a query "
+                             "arriving while another is answered is refused; writes are never refused for "
+                             "it; default: %(default)s)")
     parser.add_argument("--follow", type=positive_float, default=None, metavar="SECONDS",
                         help="run as a read replica of the writer whose --snapshots and --bank it shares: "
                              "refuse writes, catch up with its checkpoints and bank every SECONDS")

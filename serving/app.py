@@ -9,7 +9,8 @@ invalid field.
 
 Lanes: queries wait for the model in a lane of their own, where at most `query_concurrency` of them hold a
 worker thread and the rest wait without one, at most `max_waiting_queries` of them: a query arriving when
-that many wait is refused with 503 and `Retry-After` (counted, like every error, in `ckl_errors_total`).
+that many wait is refused with 503 and `Retry-After` (about as long as recent queries took to be
+answered; counted, like every error, in `ckl_errors_total`).
 Writes, probes and the cheap reads (health, memory, metrics) use the server's other threads and are never
 capped, so however many queries queue up, a batch's inject or a health check starts at once (the model
 then alternates fairly between the writer and queries, serving/turns.py). Token checks run on the event
@@ -61,7 +62,16 @@ from serving.snapshots import SnapshotInfo, list_snapshots
 from serving.state import LiveState, RollbackRefused
 
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
-RETRY_AFTER_S = 1  # what a query refused for the waiting queries is told to wait
+MAX_RETRY_AFTER_S = 60  # the longest wait a query refused for the waiting queries is told
+
+
+def retry_after_seconds(recent_query_seconds: float | None) -> int:
+    """What a query refused for the waiting queries is told to wait: about as long as recent queries took
+    from arrival to answer (by then the queries ahead of it are answered), in whole seconds, 1 to
+    MAX_RETRY_AFTER_S; 1 before any query was answered."""
+    if recent_query_seconds is None:
+        return 1
+    return max(1, min(MAX_RETRY_AFTER_S, math.ceil(recent_query_seconds)))
 
 
 def _refusal(description: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
@@ -182,11 +192,12 @@ def create_app(
                 "ctx": {"le": limit},
             }])
         if queries_in_lane >= settings.query_concurrency + settings.max_waiting_queries:
+            retry_after = retry_after_seconds(metrics.recent_query_seconds())
             raise HTTPException(
                 503,
                 f"too many queries are waiting for the model (the limit is {settings.max_waiting_queries}): "
-                f"retry in {RETRY_AFTER_S} s",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
+                f"retry in {retry_after} s",
+                headers={"Retry-After": str(retry_after)},
             )
         queries_in_lane += 1  # no await between the check and here: no other query slips in
         started = time.perf_counter()

@@ -9,6 +9,7 @@ from collections import Counter
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 QUERY_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+RECENT_LATENCY_WEIGHT = 0.2  # weight of the newest query in the recent latency (an exponential average)
 
 
 class ServerMetrics:
@@ -19,6 +20,7 @@ class ServerMetrics:
         self._queries = 0
         self._latency_bucket_counts = [0] * len(QUERY_LATENCY_BUCKETS)
         self._latency_sum = 0.0
+        self._recent_latency: float | None = None
         self._injections = 0
         self._documents_applied = 0
         self._documents_skipped = 0
@@ -31,9 +33,19 @@ class ServerMetrics:
         with self._lock:
             self._queries += 1
             self._latency_sum += seconds
+            if self._recent_latency is None:
+                self._recent_latency = seconds
+            else:
+                self._recent_latency += RECENT_LATENCY_WEIGHT * (seconds - self._recent_latency)
             index = bisect.bisect_left(QUERY_LATENCY_BUCKETS, seconds)
             if index < len(self._latency_bucket_counts):
                 self._latency_bucket_counts[index] += 1
+
+    def recent_query_seconds(self) -> float | None:
+        """The latency of recent queries (an exponential average, newest weighing RECENT_LATENCY_WEIGHT);
+        None before the first one."""
+        with self._lock:
+            return self._recent_latency
 
     def observe_batch(self, injections: int, applied: int, skipped: int, memory_version: int) -> None:
         """One injected batch."""

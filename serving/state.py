@@ -135,7 +135,7 @@ class LiveState:
         self.lineage_path = lineage_path or snapshot_root.parent / "lineage.json"
         self.lineage = load_lineage(self.lineage_path)
         self._write_lock = threading.Lock()
-        self._model_turns = ModelTurns()
+        self.model_turns = ModelTurns()  # whose turn the model is: queries and the writer take turns
         self._view = StateView(0, runner.num_injections, 0, {})
         self._last_snapshot: SnapshotInfo | None = None  # holds the current state unless a batch changed it
         self._batches_since_checkpoint = 0
@@ -155,7 +155,7 @@ class LiveState:
         use_bank = self.retriever is not None and (
             self.retriever.settings.enabled if retrieve is None else retrieve
         )
-        with self._model_turns.query():
+        with self.model_turns.query():
             memory_version = self._view.memory_version
             retrieved = self.retriever.retrieve(question) if use_bank else Retrieved([], [], None)
             generated = self.runner.generate(prompt, max_new_tokens, retrieved=retrieved.tokens)
@@ -194,7 +194,7 @@ class LiveState:
             entries: list[NewEntry] = []
             append = self.bank.begin_append(version)  # entries are written while the next ones are computed
             for document, chunk, ids, text in contexts:
-                with self._model_turns.update():
+                with self.model_turns.update():
                     pool, tokens, dropped = self.runner.next_pool(pool, ids)
                 entries.append(_entry(document, chunk, text, tokens, dropped))
                 if len(entries) % _ENTRIES_PER_WRITE == 0:
@@ -208,7 +208,7 @@ class LiveState:
             offsets = _advanced(view.last_offsets, documents)
             if applied or offsets != view.last_offsets:
                 self._last_snapshot = None
-            with self._model_turns.update():
+            with self.model_turns.update():
                 if pool is not None:
                     self.runner.publish(pool, view.injections + len(contexts))
                 if self.retriever is not None:
@@ -405,7 +405,7 @@ class LiveState:
             known = self._view.injections
             if lineage != self.lineage or self.bank.next_seq < known:  # rolled back: start over
                 self.lineage = lineage
-                with self._model_turns.update():
+                with self.model_turns.update():
                     self._restore()
                 if self.retriever is not None:
                     self.retriever = Retriever(self.bank, self.retriever.settings)
@@ -414,7 +414,7 @@ class LiveState:
                 return True
             if self.bank.next_seq == known:
                 return False
-            with self._model_turns.update():
+            with self.model_turns.update():
                 self._replay(known, self._view.memory_version, self._view.last_offsets)
             if self.retriever is not None:
                 self.retriever.add(*self.bank.texts(known))
@@ -434,7 +434,7 @@ class LiveState:
                 return self.answer(question, max_new_tokens, retrieve)[0]
 
             def loss() -> float:
-                with self._model_turns.query():
+                with self.model_turns.query():
                     return self.runner.lm_loss(HELDOUT_TEXT)
 
             if budget.max_ms is None:

@@ -19,9 +19,9 @@ from fastapi.testclient import TestClient
 from tiny_checkpoint import make_tiny_checkpoint
 
 from compression.settings import KEY_KINDS, RetrievalSettings, SlotFormat
-from serving.app import create_app
+from serving.app import MAX_RETRY_AFTER_S, create_app, retry_after_seconds
 from serving.client import ModelServerClient, ServerError
-from serving.metrics import ServerMetrics
+from serving.metrics import RECENT_LATENCY_WEIGHT, ServerMetrics
 from serving.process import ServerProcess, stop_running_server
 from serving.runner import ModelRunner
 from serving.schemas import ErrorResponse, InjectDocument, MemoryResponse
@@ -563,7 +563,7 @@ def test_queries_over_the_waiting_cap_get_503_and_writes_are_not_refused(runner,
                       headers={"Authorization": f"Bearer {WRITE_TOKEN}"})))
         askers = [threading.Thread(target=ask) for _ in range(4)]
         try:
-            with state._model_turns.update():  # the model is busy: no query can be answered
+            with state.model_turns.update():  # the model is busy: no query can be answered
                 for thread in askers:
                     thread.start()
                 refused = [answers.get(timeout=30) for _ in range(2)]  # 1 handed over + 1 waiting: 2 over
@@ -588,6 +588,38 @@ def test_queries_over_the_waiting_cap_get_503_and_writes_are_not_refused(runner,
         assert inject_answer[0].status_code == 200 and inject_answer[0].json()["applied"] == ["capped"]
         assert http.post("/v1/query", json=question).status_code == 200
         assert refused_total() == 2
+
+
+def test_a_refused_query_is_told_to_wait_about_as_long_as_recent_queries_took(runner, checkpoint, tmp_path):
+    """After queries that took 2.4 s from arrival to answer, a query refused for the waiting queries is told
+    to retry in 3 s (header and detail); the wait told is whole seconds from 1 to MAX_RETRY_AFTER_S."""
+    assert [retry_after_seconds(s) for s in (None, 0.003, 1.0, 2.4, 1e9)] == [1, 1, 1, 3, MAX_RETRY_AFTER_S]
+    metrics = ServerMetrics()
+    for seconds in (2.0, 2.0, 4.0):
+        metrics.observe_query(seconds)
+    assert metrics.recent_query_seconds() == pytest.approx(2.0 + RECENT_LATENCY_WEIGHT * 2.0)
+
+    state = live_state(runner, tmp_path)
+    settings = ServerSettings(checkpoint, tmp_path / "snapshots", context_tokens=CONTEXT_TOKENS,
+                              max_waiting_queries=0)
+    metrics = ServerMetrics()
+    metrics.observe_query(2.4)
+    question = {"question": "Where was Ada Lovelace born?", "max_new_tokens": 2}
+    answers: queue.Queue[httpx.Response] = queue.Queue()
+    with TestClient(create_app(state, settings, metrics)) as http:
+        askers = [threading.Thread(target=lambda: answers.put(http.post("/v1/query", json=question)))
+                  for _ in range(2)]
+        try:
+            with state.model_turns.update():  # one query is handed to the model and waits; none more may
+                for thread in askers:
+                    thread.start()
+                refused = answers.get(timeout=30)
+        finally:
+            for thread in askers:
+                thread.join(timeout=60)
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "3"
+    assert refused.json()["detail"].endswith("retry in 3 s")
+    assert answers.get_nowait().status_code == 200
 
 
 def test_corrupt_newest_snapshot_is_refused_and_the_previous_one_restored_plus_bank_replay(
