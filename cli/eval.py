@@ -1,5 +1,6 @@
 """`ckl eval retention`: how well a MemoryLLM recalls injected documents, fresh and after later injections;
-`ckl eval reading`: how well it reads documents in the prompt, the person asked about among others.
+`ckl eval reading`: how well it reads documents in the prompt, the person asked about among others;
+`ckl eval wording` (cli/eval_wording.py): which held-out phrasings and templates it cannot read.
 
 Without --docs the probed documents are biographies of held-out people (names never seen in training):
 --split heldout (default) draws them from synthetic/bios.py in the wording the committed default model
@@ -22,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from cli.argtypes import non_negative_int, positive_int, seed_number
+from cli.eval_wording import add_wording_parser, run_wording
 from cli.serve import add_retrieval_arguments
 from compression.settings import RetrievalSettings, SlotFormat
 from model import DEFAULT_CHECKPOINT
@@ -62,15 +64,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     reading.add_argument("--people", type=_people_list, default="1,2,4,8",
                          help="people per prompt to measure at (default 1,2,4,8)")
     reading.add_argument("--seed", type=seed_number, default=0, help="seed of the held-out draw")
+    add_wording_parser(evaluations, _add_shared_arguments)
 
 
-def _add_shared_arguments(sub: argparse.ArgumentParser) -> None:
-    """The arguments every evaluation takes: checkpoint, held-out split, device, JSON output."""
+def _add_shared_arguments(sub: argparse.ArgumentParser, splits: bool = True) -> None:
+    """The arguments every evaluation takes: checkpoint, (held-out split,) device, JSON output."""
     sub.add_argument("--model", type=Path, default=DEFAULT_CHECKPOINT,
                      help="checkpoint directory (default model/default)")
-    sub.add_argument("--split", choices=SPLITS, default="heldout",
-                     help="held-out people of which stream and wording "
-                          "(default heldout; the splits: `ckl eval retention -h`)")
+    if splits:
+        sub.add_argument("--split", choices=SPLITS, default="heldout",
+                         help="held-out people of which stream and wording "
+                              "(default heldout; the splits: `ckl eval retention -h`)")
     sub.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda:0, ...")
     sub.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
 
@@ -90,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.evaluation == "reading":
         return run_reading(args, *loaded)
+    if args.evaluation == "wording":
+        return run_wording(args, *loaded)
     return run_retention(args, *loaded)
 
 

@@ -115,8 +115,7 @@ def biography(person: bios.Person, rng: random.Random, split: str = "train", pla
     order = list(bios.ATTRIBUTES)
     rng.shuffle(order)
     if plain:
-        return " ".join(_fill(rng.choice(names_first(words.sentences[a])), person.full_name, person)
-                        for a in order)
+        return _plain_rendering(person, order, words, rng)
     templates = _attribute_sentences(order, words, rng)
     for _ in range(rng.randint(*SIDE_SENTENCES)):
         templates.insert(rng.randint(1, len(templates)), rng.choice(words.side))
@@ -143,6 +142,50 @@ def probes(person: bios.Person, rng: random.Random, split: str = "train", plain:
         name=person.full_name), answer=person.attribute(a)) for a in bios.ATTRIBUTES)
 
 
+@dataclass(frozen=True)
+class WordingTrial:
+    """One held-out question phrasing or sentence template alone in otherwise plain training wording:
+    a plain rendering of each person (the template stating its attribute, for a template) and a question
+    about that attribute (the phrasing, for a phrasing; else the attribute's first training phrasing).
+    The "reference" trial of an attribute has training wording only."""
+
+    attribute: str
+    kind: str  # "reference", "question" or "template"
+    wording: str  # the phrasing or template tried ("reference": the question asked)
+    texts: tuple[str, ...]
+    probes: tuple[Probe, ...]  # one per text
+
+    @property
+    def value_first(self) -> bool:
+        """A template that states the value before it names the person."""
+        return self.kind == "template" and not names_first((self.wording,))
+
+
+def wording_trials(n: int, seed: int = 0) -> list[WordingTrial]:
+    """Per attribute: the reference trial, then one trial per held-out question phrasing and per held-out
+    sentence template, each over the same n held-out people with the same other sentences."""
+    people = generate_people(n, "heldout-wording", seed)
+    train, held = wording_of("train"), wording_of("heldout-wording")
+    trials = []
+    for attribute in bios.ATTRIBUTES:
+        first = train.questions[attribute][0]
+        tried = [("reference", first, first)]
+        tried += [("question", phrasing, phrasing) for phrasing in held.questions[attribute]]
+        tried += [("template", template, first) for template in held.sentences[attribute]]
+        for kind, tried_wording, question in tried:
+            rng = random.Random(f"ckl-rich-bios-trial:{seed}:{attribute}")  # the same draws in every trial
+            stated_by = {attribute: tried_wording} if kind == "template" else {}
+            texts = []
+            for person in people:
+                order = list(bios.ATTRIBUTES)
+                rng.shuffle(order)
+                texts.append(_plain_rendering(person, order, train, rng, stated_by))
+            probes = tuple(Probe(question=question.format(name=p.full_name), answer=p.attribute(attribute))
+                           for p in people)
+            trials.append(WordingTrial(attribute, kind, tried_wording, tuple(texts), probes))
+    return trials
+
+
 @functools.cache
 def names_first(templates: tuple[str, ...]) -> tuple[str, ...]:
     """The templates that name the person before they state the value."""
@@ -156,6 +199,17 @@ def bio_documents(n: int, split: str = "train", seed: int = 0) -> Iterator[Docum
         text = biography(person, rng, split)
         yield Document(doc_id=f"{bios.SOURCE}-{split}-s{seed}-{index:07d}", text=text, source=bios.SOURCE,
                        probes=probes(person, rng, split))
+
+
+def _plain_rendering(person: bios.Person, order: list[str], words: Wording, rng: random.Random,
+                     stated_by: dict[str, str] | None = None) -> str:
+    """One name-first template per attribute in `order`, naming the person in full; `stated_by` replaces
+    the template of an attribute (the draw is made all the same)."""
+    sentences = []
+    for attribute in order:
+        template = rng.choice(names_first(words.sentences[attribute]))
+        sentences.append(_fill((stated_by or {}).get(attribute, template), person.full_name, person))
+    return " ".join(sentences)
 
 
 def _attribute_sentences(order: list[str], words: Wording, rng: random.Random) -> list[str]:

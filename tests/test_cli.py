@@ -63,6 +63,12 @@ def test_eval_reading_explains_itself_without_torch():
     assert "torch" not in modules
 
 
+def test_eval_wording_explains_itself_without_torch():
+    help_text, modules = imported_by("eval", "wording", "--help")
+    assert "reference trial" in help_text and "--people" in help_text and "--split" not in help_text
+    assert "torch" not in modules
+
+
 @pytest.mark.parametrize("module", ["compression.settings", "serving.settings", "serving.process"])
 def test_settings_and_the_server_process_import_without_torch(module):
     check = f"import sys, {module}; assert 'torch' not in sys.modules, 'torch imported'"
@@ -125,6 +131,7 @@ def test_eval_retention_parses_good_values():
     (("eval", "retention"), "--slots", "-3", "an integer >= 1"),
     (("eval", "reading"), "--documents", "0", "an integer >= 1"),
     (("eval", "reading"), "--people", "0,2", "positive integers"),
+    (("eval", "wording"), "--people", "0", "an integer >= 1"),
     (("report",), "--window", "0", "an integer >= 1"),
     (("data", "bios", "--out=x"), "--train-people", "-1", "an integer >= 0"),
     (("ingest",), "--batch-size", "0", "an integer >= 1"),

@@ -79,6 +79,32 @@ def test_a_plain_rendering_names_the_person_before_each_value_and_plain_question
     assert all(len(rich_bios.names_first(t)) >= 20 for t in rich_bios.wording_of("train").sentences.values())
 
 
+def test_wording_trials_change_one_piece_of_the_reference_each():
+    trials = rich_bios.wording_trials(6, seed=3)
+    train, held = rich_bios.wording_of("train"), rich_bios.wording_of("heldout-wording")
+    for attribute in bios.ATTRIBUTES:
+        reference, *tried = [t for t in trials if t.attribute == attribute]
+        assert reference.kind == "reference" and reference.wording == train.questions[attribute][0]
+        assert [t.wording for t in tried if t.kind == "question"] == list(held.questions[attribute])
+        assert [t.wording for t in tried if t.kind == "template"] == list(held.sentences[attribute])
+        people = rich_bios.generate_people(6, "heldout-wording", seed=3)
+        assert [p.answer for p in reference.probes] == [person.attribute(attribute) for person in people]
+        for trial in tried:
+            if trial.kind == "question":  # the same texts; only the question's phrasing differs
+                assert trial.texts == reference.texts and not trial.value_first
+                assert [p.question for p in trial.probes] == [trial.wording.format(name=p.full_name)
+                                                             for p in people]
+            else:  # the same question; only the sentence stating the attribute differs
+                assert trial.probes == reference.probes
+                assert trial.value_first == (trial.wording.index("{value}") < trial.wording.index("{name}"))
+                for text, reference_text, person in zip(trial.texts, reference.texts, people, strict=True):
+                    stated = trial.wording.format(name=person.full_name, value=person.attribute(attribute))
+                    assert stated in text and stated not in reference_text
+                    changed = set(text.split(". ")) ^ set(reference_text.split(". "))
+                    assert len(changed) == 2, (text, reference_text)
+    assert sum(t.value_first for t in trials) >= len(bios.ATTRIBUTES)
+
+
 def test_heldout_wording_never_occurs_in_training_text():
     texts = _training_texts()
     for template in rich_bios.held_out(

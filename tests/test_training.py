@@ -126,6 +126,23 @@ def test_eval_reading_reads_documents_in_the_prompt_with_the_pool_switched_off(t
     assert "random pick" in printed
 
 
+def test_eval_wording_tries_each_heldout_phrasing_and_template_alone(tmp_path):
+    out_json = tmp_path / "wording.json"
+    printed = ckl("eval", "wording", "--model", str(RICH_MODEL), "--people", "4", "--json", str(out_json),
+                  cwd=tmp_path).stdout
+    result = json.loads(out_json.read_text())
+    kinds = [row["kind"] for row in result["trials"]]
+    assert kinds == (["reference"] + ["question"] * 4 + ["template"] * 10) * 5
+    for row in result["trials"]:
+        assert row["accuracy"] in {0.0, 0.25, 0.5, 0.75, 1.0}  # 4 people, one question each
+        assert row["wording"] in printed
+    templates = [row for row in result["trials"] if row["kind"] == "template"]
+    value_first = [row["accuracy"] for row in templates if row["value_first"]]
+    assert len(value_first) == 10  # two per attribute
+    assert result["summary"]["held-out templates, value first"] == pytest.approx(sum(value_first) / 10)
+    assert "[value first]" in printed and "held-out question phrasings" in printed
+
+
 def test_eval_retention_takes_foreign_documents_with_probes(tmp_path):
     out_json = tmp_path / "docs.json"
     result = ckl("eval", "retention", "--model", str(DEFAULT_MODEL), "--docs", str(FOREIGN_DOCS),
