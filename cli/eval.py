@@ -1,6 +1,6 @@
 """`ckl eval retention`: how well a MemoryLLM recalls injected documents, fresh and after later injections;
 `ckl eval reading`: how well it reads documents in the prompt, the person asked about among others;
-`ckl eval wording` (cli/eval_wording.py): which held-out phrasings and templates it cannot read.
+`ckl eval wording`: which held-out phrasings and templates it cannot read (cli/eval_wording.py).
 
 Without --docs the probed documents are biographies of held-out people (names never seen in training):
 --split heldout (default) draws them from synthetic/bios.py in the wording the committed default model
@@ -23,7 +23,6 @@ import tempfile
 from pathlib import Path
 
 from cli.argtypes import non_negative_int, positive_int, seed_number
-from cli.eval_wording import add_wording_parser, run_wording
 from cli.serve import add_retrieval_arguments
 from compression.settings import RetrievalSettings, SlotFormat
 from model import DEFAULT_CHECKPOINT
@@ -64,7 +63,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     reading.add_argument("--people", type=_people_list, default="1,2,4,8",
                          help="people per prompt to measure at (default 1,2,4,8)")
     reading.add_argument("--seed", type=seed_number, default=0, help="seed of the held-out draw")
-    add_wording_parser(evaluations, _add_shared_arguments)
+
+    wording = evaluations.add_parser(
+        "wording", help="accuracy on each held-out question phrasing and sentence template alone",
+        description=WORDING_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_shared_arguments(wording, splits=False)
+    wording.add_argument("--people", type=positive_int, default=40,
+                         help="held-out people each piece of wording is tried on (default 40)")
+    wording.add_argument("--seed", type=seed_number, default=0, help="seed of the held-out draw")
 
 
 def _add_shared_arguments(sub: argparse.ArgumentParser, splits: bool = True) -> None:
@@ -87,6 +94,14 @@ model that reads values but not whose they are falls to 1/people of its one-pers
 "random pick" column), and its wrong answers are the values other people in the prompt state.
 """
 
+WORDING_DESCRIPTION = """\
+Each held-out piece of wording of the free-wording stream (synthetic/rich_bios.py) is tried alone:
+plain biographies of held-out people in training wording, with only that phrasing asked or only that
+template stating its attribute, each person alone in the prompt with the pool switched off (as `ckl
+eval reading`). Every trial of an attribute uses the same people and the same other sentences as its
+reference trial (training wording only), so a trial's fall below the reference is that piece's.
+"""
+
 
 def run(args: argparse.Namespace) -> int:
     loaded = _load_checkpoint(args)
@@ -95,7 +110,13 @@ def run(args: argparse.Namespace) -> int:
     if args.evaluation == "reading":
         return run_reading(args, *loaded)
     if args.evaluation == "wording":
-        return run_wording(args, *loaded)
+        from cli.eval_wording import format_wording, measure_wording
+
+        result = measure_wording(*loaded, args.people, args.seed)
+        result["model"] = str(args.model)
+        print(format_wording(result))
+        _write_json(args.json, result)
+        return 0
     return run_retention(args, *loaded)
 
 
@@ -124,9 +145,7 @@ def run_reading(args: argparse.Namespace, model, tokenizer) -> int:
     result = measure_reading(model, tokenizer, documents, args.people)
     result.update(model=str(args.model), split=args.split)
     print(format_reading(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    _write_json(args.json, result)
     return 0
 
 
@@ -171,13 +190,18 @@ def run_retention(args: argparse.Namespace, model, tokenizer) -> int:
         print(format_per_later("by attribute", result["by_attribute"]))
     if result["wrong_answers"]:
         print(format_per_later("wrong answers", result["wrong_answers"]))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    _write_json(args.json, result)
     if args.plot:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot_curve(result, args.plot)
     return 0
+
+
+def _write_json(path: Path | None, result: dict) -> None:
+    """The result as indented JSON at `path` (if one was asked for)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 
 def accuracy_by_attribute(answers: list[dict]) -> dict[str, dict[int, float]]:
