@@ -119,10 +119,11 @@ def test_eval_reading_reads_documents_in_the_prompt_with_the_pool_switched_off(t
                   "16", "--people", "1,4", "--json", str(out_json), cwd=tmp_path).stdout
     one, four = json.loads(out_json.read_text())["rows"]
     assert (one["people"], four["people"]) == (1, 4) and one["questions"] == four["questions"] == 80
-    # the biography in the prompt is read (measured 58% on 64 documents; nothing in the prompt: ~1%)
-    assert one["accuracy"] >= 0.4
-    # model/rich does not bind: with 4 people it answers about 1/4 as often, mostly with another's value
-    assert four["accuracy"] < one["accuracy"] and four["wrong_from_others"] > 0.3
+    # the biography in the prompt is read (measured 80% on 64 documents; nothing in the prompt: ~1%)
+    assert one["accuracy"] >= 0.6
+    # model/rich binds: among 4 people it keeps most of its one-person accuracy, where a model that reads
+    # values without knowing whose they are picks one of them at random (measured 63% against 20%)
+    assert four["accuracy"] >= 2 * one["accuracy"] / 4
     assert "random pick" in printed
 
 
@@ -165,8 +166,8 @@ def test_rich_checkpoint_reads_hand_written_wording_the_default_cannot(tmp_path)
         assert data["documents"] == 36 and data["curve"][0]["questions"] == 156
         assert data["baseline_accuracy"] <= 0.05
         fresh[name] = data["fresh_accuracy"]
-    # measured: default 3.8%, rich 40.4% (docs/default_model.md)
-    assert fresh["default"] <= 0.10 and fresh["rich"] >= 0.30
+    # measured: default 3.8%, rich 74.4% (docs/default_model.md)
+    assert fresh["default"] <= 0.10 and fresh["rich"] >= 0.6
     assert training_summary(RICH_MODEL)["config"]["corpus"] == "rich"
 
 
