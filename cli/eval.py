@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from cli.argtypes import non_negative_int, positive_int, seed_number
+from cli.eval_wording import THROUGH
 from cli.serve import add_retrieval_arguments
 from compression.settings import RetrievalSettings, SlotFormat
 from model import DEFAULT_CHECKPOINT
@@ -72,6 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     wording.add_argument("--people", type=positive_int, default=40,
                          help="held-out people each piece of wording is tried on (default 40)")
     wording.add_argument("--seed", type=seed_number, default=0, help="seed of the held-out draw")
+    wording.add_argument("--through", choices=THROUGH, default="memory",
+                         help="read each biography injected into memory (default, as the pipeline reads) "
+                              "or in the prompt with the pool off")
 
 
 def _add_shared_arguments(sub: argparse.ArgumentParser, splits: bool = True) -> None:
@@ -97,9 +101,12 @@ model that reads values but not whose they are falls to 1/people of its one-pers
 WORDING_DESCRIPTION = """\
 Each held-out piece of wording of the free-wording stream (synthetic/rich_bios.py) is tried alone:
 plain biographies of held-out people in training wording, with only that phrasing asked or only that
-template stating its attribute, each person alone in the prompt with the pool switched off (as `ckl
-eval reading`). Every trial of an attribute uses the same people and the same other sentences as its
-reference trial (training wording only), so a trial's fall below the reference is that piece's.
+template stating its attribute. Every trial of an attribute uses the same people and the same other
+sentences as its reference trial (training wording only), so a trial's fall below the reference is that
+piece's. By default each biography is injected into memory and its question asked right after (the fresh
+point of `ckl eval retention`), as the pipeline reads; --through prompt puts each person alone in the
+prompt with the pool switched off instead (as `ckl eval reading`). The two can differ: training's memory
+stage trains reading through memory only.
 """
 
 
@@ -112,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     if args.evaluation == "wording":
         from cli.eval_wording import format_wording, measure_wording
 
-        result = measure_wording(*loaded, args.people, args.seed)
+        result = measure_wording(*loaded, args.people, args.seed, args.through)
         result["model"] = str(args.model)
         print(format_wording(result))
         _write_json(args.json, result)

@@ -116,12 +116,13 @@ class QueryRunner:
 
 
 def measure_retention(model, tokenizer, stream: Sequence[ProbedText], later: Sequence[int] = DEFAULT_LATER,
-                      lm_texts: Sequence[str] = (), seed: int = 0, bank: Bank | None = None) -> dict:
+                      lm_texts: Sequence[str] = (), seed: int = 0, bank: Bank | None = None,
+                      progress: bool = True) -> dict:
     """The baseline, the retention curve (and with a bank the bank's curve) and the LM loss (see the module
     docstring) as a JSON-able dict.
 
     stream: the documents in injection order; those with probes are asked (a probed document at stream
-    position i reaches n later injections only if i + n < len(stream)).
+    position i reaches n later injections only if i + n < len(stream)). progress: show a progress bar.
     """
     later = sorted(set(later))
     runner = QueryRunner(model, tokenizer, seed)
@@ -138,7 +139,8 @@ def measure_retention(model, tokenizer, stream: Sequence[ProbedText], later: Seq
         hits: dict[int, list[bool]] = {n: [] for n in later}
         bank_hits: dict[int, list[bool]] = {n: [] for n in later}
         answers: list[dict] = []
-        for step, doc in enumerate(tqdm(stream[: last_needed + 1], desc="retention", unit="injection")):
+        for step, doc in enumerate(tqdm(stream[: last_needed + 1], desc="retention", unit="injection",
+                                    disable=not progress)):
             for chunk, (text, tokens) in enumerate(runner.inject(doc.text)):
                 if bank is not None:
                     bank.add(f"{step}#{chunk}", text, tokens)

@@ -142,6 +142,11 @@ def test_eval_wording_tries_each_heldout_phrasing_and_template_alone(tmp_path):
     assert len(value_first) == 10  # two per attribute
     assert result["summary"]["held-out templates, value first"] == pytest.approx(sum(value_first) / 10)
     assert "[value first]" in printed and "held-out question phrasings" in printed
+    assert result["through"] == "memory" and "injected into memory" in printed
+    ckl("eval", "wording", "--model", str(RICH_MODEL), "--people", "1", "--through", "prompt", "--json",
+        str(out_json), cwd=tmp_path)
+    in_prompt = json.loads(out_json.read_text())
+    assert in_prompt["through"] == "prompt" and len(in_prompt["trials"]) == len(result["trials"])
 
 
 def test_eval_retention_takes_foreign_documents_with_probes(tmp_path):
