@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from cli.argtypes import non_negative_int, positive_int, seed_number
-from cli.eval_wording import THROUGH
+from cli.eval_wording import THROUGH, format_wording, measure_wording
 from cli.serve import add_retrieval_arguments
 from compression.settings import RetrievalSettings, SlotFormat
 from model import DEFAULT_CHECKPOINT
@@ -117,8 +117,6 @@ def run(args: argparse.Namespace) -> int:
     if args.evaluation == "reading":
         return run_reading(args, *loaded)
     if args.evaluation == "wording":
-        from cli.eval_wording import format_wording, measure_wording
-
         result = measure_wording(*loaded, args.people, args.seed, args.through)
         result["model"] = str(args.model)
         print(format_wording(result))
