@@ -60,6 +60,7 @@ def test_tiny_training_checkpoints_reloads_resumes_and_repeats_bit_for_bit(tmp_p
     ckl("train", "--preset", "tiny-rich", "--out", str(uninterrupted), cwd=REPO_ROOT)
     assert training_summary(uninterrupted)["last_loss"] == resumed["last_loss"]
     assert "answer_exact_bank" in resumed["smoothed_metrics"]  # stage B's bank rows ran
+    assert "answer_exact_prompt" in resumed["smoothed_metrics"]  # ... and its rows read in the prompt
 
 
 def test_resume_refuses_a_directory_without_trainer_state(tmp_path):

@@ -17,7 +17,8 @@ The `rich` preset (the free-wording stream) adds: a plain start (`plain_steps`: 
 words; binding to names is learned there, where every sentence names its person before the value), rows
 of random tokens said twice (`copy_rows`: copying months and numbers), word-piece dropout on scored texts
 (`text_dropout`), questions further back (`max_old_age`), and in stage B rows that ask about one of a
-few archived entries retrieved after the pool, as `ckl serve` lays out bank entries (`bank_rows`).
+few archived entries retrieved after the pool, as `ckl serve` lays out bank entries (`bank_rows`), and
+rows that keep reading biographies in the prompt as stage A did (`prompt_rows`).
 
 The recipe is data-agnostic: a `Corpus` gives documents with their question/answer pairs and filler
 texts (training/corpus.py builds the default one from the synthetic biographies). Runs go through
@@ -48,7 +49,7 @@ TRAINER_STATE_FILE = "trainer_state.pt"
 TRAINING_SUMMARY_FILE = "training.json"
 PROGRESS_METRICS = (
     "loss", "answer_exact_single", "answer_exact_among", "answer_exact_fresh", "answer_exact_older",
-    "answer_exact_bank",
+    "answer_exact_bank", "answer_exact_prompt",
 )
 
 
@@ -91,6 +92,7 @@ class TrainConfig:
     bank_rows: int = 0  # stage B: rows per step asking about a bank entry retrieved after the pool
     bank_entries: int = 4  # ... 1 to this many archived entries retrieved (the one asked about among them)
     bank_archive: int = 32  # ... archived entries (a biography's memory tokens) kept per stream
+    prompt_rows: int = 0  # stage B: rows per step that read biographies in the prompt (no memory)
     # optimisation
     lr: float = 3e-3
     memory_lr_scale: float = 0.5  # stage B learning rate = lr x this
@@ -127,16 +129,17 @@ CORPORA = ("bios", "rich")
 # Knobs that only stage B reads: a run resumed before stage B began may change them.
 STAGE_B_FIELDS = ("memory_lr_scale", "streams", "max_contexts", "filler_share", "questions_per_person",
                   "old_questions", "max_old_age", "cooldown_steps", "bank_rows", "bank_entries",
-                  "bank_archive")
+                  "bank_archive", "prompt_rows")
 
 
 PRESETS: dict[str, TrainConfig] = {
     "default": TrainConfig(),
     # the free-wording recipe: rich stream, a plain start, date parts, copy rows, word-piece dropout,
-    # longer stages, questions about people up to N/K x 3 injections back, rows that read bank entries
+    # longer stages, questions about people up to N/K x 3 injections back, rows that read bank entries,
+    # and in stage B rows that read in the prompt
     "rich": TrainConfig(
         corpus="rich", scramble_share=0.3, date_part_questions=True, plain_steps=2000, copy_rows=2,
-        text_dropout=0.1, reader_steps=3600, memory_steps=3600, max_old_age=48, bank_rows=4,
+        text_dropout=0.1, reader_steps=3600, memory_steps=3600, max_old_age=48, bank_rows=4, prompt_rows=2,
     ),
     # a few-step smoke run (tests, CI): same recipe, tiny shapes
     "tiny": TrainConfig(
@@ -150,6 +153,7 @@ PRESETS: dict[str, TrainConfig] = {
 PRESETS["tiny-rich"] = dataclasses.replace(
     PRESETS["tiny"], corpus="rich", scramble_share=0.3, date_part_questions=True, plain_steps=2, copy_rows=1,
     copy_length=4, text_dropout=0.1, max_old_age=6, bank_rows=1, bank_entries=1, bank_archive=4,
+    prompt_rows=1,
 )
 
 
@@ -379,17 +383,7 @@ class Trainer:
         max_people = low + round(min(1.0, ramp / max(1, c.curriculum_steps)) * (high - low))
         plain = self.step < c.plain_steps
         cut_rng = None if plain else rng  # the plain start reads whole words (no word-piece dropout)
-        rows = Rows()
-        for _ in range(c.reader_batch):
-            documents = [self.corpus.document(rng, plain) for _ in range(rng.randint(1, max_people))]
-            qas = [qa for _, doc_qas in documents for qa in doc_qas]
-            row = RowBuilder()
-            for text, _ in documents:
-                row.text(self.encode.text(text + "\n", text_weight, cut_rng))
-            tag = "single" if len(documents) == 1 else "among"
-            for question, answer in rng.sample(qas, min(len(qas), questions)):
-                row.qa(self.encode.qa(question, answer), tag)
-            row.add_to(rows)
+        rows = self._reading_rows(c.reader_batch, max_people, text_weight, questions, plain)
         for _ in range(c.filler_rows):
             rows.add(*self.encode.text(self.corpus.filler(rng), 1.0, cut_rng))
         for _ in range(c.copy_rows):
@@ -398,6 +392,25 @@ class Trainer:
         logits = self.engine(input_ids=ids, attention_mask=mask).logits
         loss, correct = weighted_loss(logits, ids, weights)
         return loss, exact_answer_rates(correct, rows.answers)
+
+    def _reading_rows(self, count: int, max_people: int, text_weight: float, questions: int, plain: bool,
+                      tag: str = "") -> Rows:
+        """`count` rows of 1..max_people biographies in the prompt, then up to `questions` Q/A about people
+        among them, tagged `tag` (default: "single" or "among" by the number of biographies)."""
+        rng = self.data_rng
+        cut_rng = None if plain else rng  # the plain start reads whole words (no word-piece dropout)
+        rows = Rows()
+        for _ in range(count):
+            documents = [self.corpus.document(rng, plain) for _ in range(rng.randint(1, max_people))]
+            qas = [qa for _, doc_qas in documents for qa in doc_qas]
+            row = RowBuilder()
+            for text, _ in documents:
+                row.text(self.encode.text(text + "\n", text_weight, cut_rng))
+            row_tag = tag or ("single" if len(documents) == 1 else "among")
+            for question, answer in rng.sample(qas, min(len(qas), questions)):
+                row.qa(self.encode.qa(question, answer), row_tag)
+            row.add_to(rows)
+        return rows
 
     def _num_contexts(self) -> int:
         """Contexts every stream injects this step: at most 1 at the start of stage B, growing linearly to
@@ -468,10 +481,16 @@ class Trainer:
         logits = self.engine(input_ids=ids, attention_mask=mask, memory=pools).logits
         loss, correct = weighted_loss(logits, ids, weights)
         metrics = exact_answer_rates(correct, rows.answers)
+        parts = [(loss, c.streams)]
         if c.bank_rows and all(len(archive) >= c.bank_entries for archive in self.archives):
             bank_loss, bank_metrics = self._bank_loss(pools)
-            loss = (c.streams * loss + c.bank_rows * bank_loss) / (c.streams + c.bank_rows)
+            parts.append((bank_loss, c.bank_rows))
             metrics |= bank_metrics
+        if c.prompt_rows:
+            prompt_loss, prompt_metrics = self._prompt_loss()
+            parts.append((prompt_loss, c.prompt_rows))
+            metrics |= prompt_metrics
+        loss = sum(part * rows for part, rows in parts) / sum(rows for _, rows in parts)
         self.pools = pools.detach()
         self.pool_people = [[e for e in people + episode if self._age(e) <= c.max_old_age]
                             for people, episode in zip(self.pool_people, episodes, strict=True)]
@@ -501,6 +520,17 @@ class Trainer:
         retrieved_memory = torch.stack(retrieved).to(pools.dtype)
         logits = self.engine(input_ids=ids, attention_mask=mask, memory=pools[streams],
                              retrieved_memory=retrieved_memory).logits
+        loss, correct = weighted_loss(logits, ids, weights)
+        return loss, exact_answer_rates(correct, rows.answers)
+
+    def _prompt_loss(self) -> tuple[torch.Tensor, dict[str, float]]:
+        """Rows that read biographies in the prompt, as stage A's binding phase does, with no memory: stage
+        B trains reading through memory only, and without these rows reading in the prompt erodes."""
+        c = self.config
+        rows = self._reading_rows(c.prompt_rows, c.reader_max_people_after, c.reader_text_weight_after,
+                                  c.reader_questions_after, plain=False, tag="prompt")
+        ids, mask, weights = to_batch(rows, self.device)
+        logits = self.engine(input_ids=ids, attention_mask=mask).logits
         loss, correct = weighted_loss(logits, ids, weights)
         return loss, exact_answer_rates(correct, rows.answers)
 
