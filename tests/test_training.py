@@ -15,6 +15,7 @@ import torch
 from model import MemoryLLM
 from model.prompts import answers_match
 from model.tokenizer import load_tokenizer
+from synthetic import bios, rich_bios, wording
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO_ROOT / "model" / "default"
@@ -134,14 +135,19 @@ def test_eval_wording_tries_each_heldout_phrasing_and_template_alone(tmp_path):
                   cwd=tmp_path).stdout
     result = json.loads(out_json.read_text())
     kinds = [row["kind"] for row in result["trials"]]
-    assert kinds == (["reference"] + ["question"] * 4 + ["template"] * 10) * 5
+    assert kinds == [kind for attribute in bios.ATTRIBUTES for kind in (
+        ["reference"] + ["question"] * len(rich_bios.held_out(wording.QUESTION_TEMPLATES[attribute]))
+        + ["template"] * len(rich_bios.held_out(wording.SENTENCE_TEMPLATES[attribute])))]
     for row in result["trials"]:
         assert row["accuracy"] in {0.0, 0.25, 0.5, 0.75, 1.0}  # 4 people, one question each
         assert row["wording"] in printed
     templates = [row for row in result["trials"] if row["kind"] == "template"]
     value_first = [row["accuracy"] for row in templates if row["value_first"]]
-    assert len(value_first) == 10  # two per attribute
-    assert result["summary"]["held-out templates, value first"] == pytest.approx(sum(value_first) / 10)
+    assert len(value_first) == sum(  # the held-out templates that state the value before the name
+        t.index("{value}") < t.index("{name}")
+        for templates in wording.SENTENCE_TEMPLATES.values() for t in rich_bios.held_out(templates))
+    assert result["summary"]["held-out templates, value first"] == pytest.approx(
+        sum(value_first) / len(value_first))
     assert "[value first]" in printed and "held-out question phrasings" in printed
     assert result["through"] == "memory" and "injected into memory" in printed
     ckl("eval", "wording", "--model", str(RICH_MODEL), "--people", "1", "--through", "prompt", "--json",
