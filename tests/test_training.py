@@ -121,10 +121,11 @@ def test_eval_reading_reads_documents_in_the_prompt_with_the_pool_switched_off(t
                   "16", "--people", "1,4", "--json", str(out_json), cwd=tmp_path).stdout
     one, four = json.loads(out_json.read_text())["rows"]
     assert (one["people"], four["people"]) == (1, 4) and one["questions"] == four["questions"] == 80
-    # the biography in the prompt is read (measured 80% on 64 documents; nothing in the prompt: ~1%)
+    # the biography in the prompt is read (measured 63% on 64 documents, 66% on these 16; nothing in the
+    # prompt: ~1%)
     assert one["accuracy"] >= 0.6
     # model/rich binds: among 4 people it keeps most of its one-person accuracy, where a model that reads
-    # values without knowing whose they are picks one of them at random (measured 63% against 20%)
+    # values without knowing whose they are picks one of them at random (measured 49% against 16%)
     assert four["accuracy"] >= 2 * one["accuracy"] / 4
     assert "random pick" in printed
 
