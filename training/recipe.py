@@ -382,10 +382,9 @@ class Trainer:
             text_weight, questions = c.reader_text_weight_after, c.reader_questions_after
         max_people = low + round(min(1.0, ramp / max(1, c.curriculum_steps)) * (high - low))
         plain = self.step < c.plain_steps
-        cut_rng = None if plain else rng  # the plain start reads whole words (no word-piece dropout)
         rows = self._reading_rows(c.reader_batch, max_people, text_weight, questions, plain)
         for _ in range(c.filler_rows):
-            rows.add(*self.encode.text(self.corpus.filler(rng), 1.0, cut_rng))
+            rows.add(*self.encode.text(self.corpus.filler(rng), 1.0, self._cut_rng(plain)))
         for _ in range(c.copy_rows):
             rows.add(*copy_row(rng, c.copy_length, len(self.tokenizer)))
         ids, mask, weights = to_batch(rows, self.device)
@@ -397,8 +396,7 @@ class Trainer:
                       tag: str = "") -> Rows:
         """`count` rows of 1..max_people biographies in the prompt, then up to `questions` Q/A about people
         among them, tagged `tag` (default: "single" or "among" by the number of biographies)."""
-        rng = self.data_rng
-        cut_rng = None if plain else rng  # the plain start reads whole words (no word-piece dropout)
+        rng, cut_rng = self.data_rng, self._cut_rng(plain)
         rows = Rows()
         for _ in range(count):
             documents = [self.corpus.document(rng, plain) for _ in range(rng.randint(1, max_people))]
@@ -411,6 +409,11 @@ class Trainer:
                 row.qa(self.encode.qa(question, answer), row_tag)
             row.add_to(rows)
         return rows
+
+    def _cut_rng(self, plain: bool) -> random.Random | None:
+        """The rng that cuts words of scored texts (word-piece dropout); None in the plain start, which
+        reads whole words."""
+        return None if plain else self.data_rng
 
     def _num_contexts(self) -> int:
         """Contexts every stream injects this step: at most 1 at the start of stage B, growing linearly to
