@@ -28,8 +28,8 @@ def measure_wording(model, tokenizer, people: int, seed: int, through: str = "me
         documents = [ProbedText(text, ((probe.question, probe.answer),))
                      for text, probe in zip(trial.texts, trial.probes, strict=True)]
         if through == "memory":
-            accuracy = measure_retention(model, tokenizer, documents, later=(0,), seed=seed,
-                                         progress=False)["fresh_accuracy"]
+            accuracy = measure_retention(model, tokenizer, documents, later=(0,), seed=seed, progress=False,
+                                         baseline=False)["fresh_accuracy"]
         else:
             accuracy = measure_reading(model, tokenizer, documents, people=(1,))["rows"][0]["accuracy"]
         rows.append({"attribute": trial.attribute, "kind": trial.kind, "wording": trial.wording,

@@ -117,12 +117,13 @@ class QueryRunner:
 
 def measure_retention(model, tokenizer, stream: Sequence[ProbedText], later: Sequence[int] = DEFAULT_LATER,
                       lm_texts: Sequence[str] = (), seed: int = 0, bank: Bank | None = None,
-                      progress: bool = True) -> dict:
+                      progress: bool = True, baseline: bool = True) -> dict:
     """The baseline, the retention curve (and with a bank the bank's curve) and the LM loss (see the module
     docstring) as a JSON-able dict.
 
     stream: the documents in injection order; those with probes are asked (a probed document at stream
     position i reaches n later injections only if i + n < len(stream)). progress: show a progress bar.
+    baseline: ask the no-injection baseline first (without it, "baseline_accuracy" is None).
     """
     later = sorted(set(later))
     runner = QueryRunner(model, tokenizer, seed)
@@ -134,7 +135,7 @@ def measure_retention(model, tokenizer, stream: Sequence[ProbedText], later: Seq
     saved = model.memory_state()
     try:
         lm_loss = runner.lm_loss(lm_texts) if lm_texts else None
-        baseline = _hits(all_probes, runner.answers_to(all_probes, max_new_tokens))
+        baseline_hits = _hits(all_probes, runner.answers_to(all_probes, max_new_tokens)) if baseline else []
         last_needed = max(probed_steps) + max(later)
         hits: dict[int, list[bool]] = {n: [] for n in later}
         bank_hits: dict[int, list[bool]] = {n: [] for n in later}
@@ -178,7 +179,7 @@ def measure_retention(model, tokenizer, stream: Sequence[ProbedText], later: Seq
         "questions_per_point": len(all_probes),
         "num_tokens": k,
         "pool_size": pool_size,
-        "baseline_accuracy": _mean(baseline),
+        "baseline_accuracy": _mean(baseline_hits),
         "fresh_accuracy": fresh,
         "curve": curve,
         "bank_curve": bank_curve,

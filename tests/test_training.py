@@ -202,6 +202,18 @@ def test_eval_retention_measures_the_heldout_wording_split(tmp_path):
     assert data["fresh_accuracy"] == sum(answers_match(a["said"], a["answer"]) for a in fresh) / 15
 
 
+def test_retention_without_the_baseline_asks_the_same_and_reports_none():
+    from monitoring.retention import ProbedText, measure_retention
+
+    model, tokenizer = MemoryLLM.from_pretrained(DEFAULT_MODEL), load_tokenizer(DEFAULT_MODEL)
+    stream = [ProbedText(doc.text, tuple((p.question, p.answer) for p in doc.probes))
+              for doc in bios.bio_documents(3, split="heldout", seed=7)]
+    with_baseline = measure_retention(model, tokenizer, stream, later=(0, 1), progress=False)
+    without = measure_retention(model, tokenizer, stream, later=(0, 1), progress=False, baseline=False)
+    assert with_baseline["baseline_accuracy"] is not None and without["baseline_accuracy"] is None
+    assert without["answers"] == with_baseline["answers"] and without["curve"] == with_baseline["curve"]
+
+
 @pytest.mark.parametrize("later", ["-1", "a,b", ""])
 def test_eval_retention_rejects_bad_later_lists(later, tmp_path):
     result = subprocess.run([sys.executable, "-m", "cli", "eval", "retention", "--later", later],
