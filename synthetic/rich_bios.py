@@ -16,8 +16,9 @@ A `plain` rendering (one template sentence per attribute, each naming the person
 value, nothing else) and `plain` questions (each attribute's first phrasing) are the easy start of the
 training recipe: a small model learns to bind values to names there, where the name always comes first,
 and not from the start on the full stream (docs/default_model.md). A scrambled sentence states the
-value among random words, so only the value's type tells the attribute. Everything is deterministic in
-the seed and the rng state.
+value among random words, so only the value's type tells the attribute. With `word_noise`, a training
+rendering's and question's own words are each, with that chance, replaced by a made-up word, as words a
+model never met stand in held-out wording. Everything is deterministic in the seed and the rng state.
 """
 
 import functools
@@ -39,6 +40,7 @@ OTHER_PERSON_SHARE = 0.3  # chance of one sentence that mentions someone else
 REFERENCE_WEIGHTS = {"full": 0.3, "surname": 0.3, "pronoun": 0.4}  # mentions after the first
 PRONOUNS = (("She", "Her"), ("He", "His"))
 SCRAMBLE_WORDS = (3, 6)  # random words around the value and the name in a scrambled sentence
+MADE_UP_SYLLABLES = (2, 3)  # consonant-vowel pairs in a made-up word (word_noise)
 
 T = TypeVar("T")
 
@@ -109,7 +111,7 @@ def generate_people(n: int, split: str = "train", seed: int = 0) -> list[bios.Pe
 
 
 def biography(person: bios.Person, rng: random.Random, split: str = "train", plain: bool = False,
-              scramble_share: float = 0.0) -> str:
+              scramble_share: float = 0.0, word_noise: float = 0.0) -> str:
     """One rendering of the person's biography in the split's wording (see the module docstring)."""
     words = wording_of(split)
     order = list(bios.ATTRIBUTES)
@@ -126,20 +128,23 @@ def biography(person: bios.Person, rng: random.Random, split: str = "train", pla
     sentences = []
     for index, template in enumerate(templates):
         reference = person.full_name if index == 0 else _reference(person, template, pronoun, rng)
-        if _single_attribute(template) and rng.random() < scramble_share:
-            sentences.append(_scrambled(template, reference, person, rng))
+        attribute = _single_attribute(template)
+        if attribute and rng.random() < scramble_share:
+            sentences.append(_scrambled(attribute, reference, person, rng))
         else:
-            sentences.append(_fill(template, reference, person))
+            sentences.append(_fill(_noised(template, word_noise, rng), reference, person, attribute))
     return " ".join(sentences)
 
 
-def probes(person: bios.Person, rng: random.Random, split: str = "train", plain: bool = False
-           ) -> tuple[Probe, ...]:
+def probes(person: bios.Person, rng: random.Random, split: str = "train", plain: bool = False,
+           word_noise: float = 0.0) -> tuple[Probe, ...]:
     """One question per attribute in ATTRIBUTES order, each in a phrasing of the split drawn from rng
-    (`plain`: the split's first phrasing, drawing nothing)."""
+    (`plain`: the split's first phrasing, drawing nothing), its words noised with `word_noise`."""
     questions = wording_of(split).questions
-    return tuple(Probe(question=(questions[a][0] if plain else rng.choice(questions[a])).format(
-        name=person.full_name), answer=person.attribute(a)) for a in bios.ATTRIBUTES)
+    phrasings = [questions[a][0] if plain else _noised(rng.choice(questions[a]), word_noise, rng)
+                 for a in bios.ATTRIBUTES]
+    return tuple(Probe(question=phrasing.format(name=person.full_name), answer=person.attribute(a))
+                 for a, phrasing in zip(bios.ATTRIBUTES, phrasings, strict=True))
 
 
 @dataclass(frozen=True)
@@ -208,7 +213,8 @@ def _plain_rendering(person: bios.Person, order: list[str], words: Wording, rng:
     sentences = []
     for attribute in order:
         template = rng.choice(names_first(words.sentences[attribute]))
-        sentences.append(_fill((stated_by or {}).get(attribute, template), person.full_name, person))
+        template = (stated_by or {}).get(attribute, template)
+        sentences.append(_fill(template, person.full_name, person, attribute))
     return " ".join(sentences)
 
 
@@ -237,8 +243,9 @@ def _reference(person: bios.Person, template: str, pronoun: tuple[str, str], rng
     return person.last_name if kind == "surname" else person.full_name
 
 
-def _fill(template: str, reference: str, person: bios.Person) -> str:
-    attribute = _single_attribute(template)
+def _fill(template: str, reference: str, person: bios.Person, attribute: str) -> str:
+    """The template with the reference for {name}, the attribute's value for {value} (attribute: the
+    one a one-attribute template states, else "") and every attribute's value for its own field."""
     if reference.endswith("\0"):
         template, reference = template.replace("{name}'s", "{name}", 1), reference[:-1]
     values = {a: person.attribute(a) for a in bios.ATTRIBUTES}
@@ -254,13 +261,29 @@ def _single_attribute(template: str) -> str:
     return next(a for a, templates in wording.SENTENCE_TEMPLATES.items() if template in templates)
 
 
-def _scrambled(template: str, reference: str, person: bios.Person, rng: random.Random) -> str:
-    """The value and the reference among random corpus words, in random order."""
+def _scrambled(attribute: str, reference: str, person: bios.Person, rng: random.Random) -> str:
+    """The attribute's value and the reference among random corpus words, in random order."""
     units = rng.sample(_scramble_lexicon(), rng.randint(*SCRAMBLE_WORDS))
-    units += [person.attribute(_single_attribute(template)), reference.rstrip("\0")]
+    units += [person.attribute(attribute), reference.rstrip("\0")]
     rng.shuffle(units)
     text = " ".join(units)
     return text[0].upper() + text[1:] + "."
+
+
+def _noised(template: str, share: float, rng: random.Random) -> str:
+    """The template with each of its own words (not a {field}), with chance `share`, replaced by a
+    made-up lowercase word (capitalised where the word was), punctuation kept; share 0 draws nothing."""
+    if share == 0.0:
+        return template
+    words = template.split(" ")
+    for index, word in enumerate(words):
+        core = word.strip(string.punctuation)
+        if "{" in word or not core.isalpha() or rng.random() >= share:
+            continue
+        made_up = "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou")
+                          for _ in range(rng.randint(*MADE_UP_SYLLABLES)))
+        words[index] = word.replace(core, made_up.capitalize() if core[0].isupper() else made_up, 1)
+    return " ".join(words)
 
 
 @functools.cache

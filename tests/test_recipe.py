@@ -79,6 +79,8 @@ def test_config_refuses_an_unknown_corpus_and_bad_shares():
         TrainConfig(corpus="wiki")
     with pytest.raises(ValueError, match="text_dropout"):
         TrainConfig(text_dropout=1.0)
+    with pytest.raises(ValueError, match="word_noise"):
+        TrainConfig(word_noise=-0.1)
 
 
 def test_a_checkpoint_of_the_presets_shape_passes_the_shape_check_and_another_does_not():

@@ -79,6 +79,29 @@ def test_a_plain_rendering_names_the_person_before_each_value_and_plain_question
     assert all(len(rich_bios.names_first(t)) >= 20 for t in rich_bios.wording_of("train").sentences.values())
 
 
+def test_word_noise_makes_up_template_words_only_and_draws_nothing_when_off():
+    person = rich_bios.generate_people(1, "train", seed=4)[0]
+    rng, unnoised_rng = random.Random(3), random.Random(3)
+    for _ in range(50):  # noise 0 renders and asks exactly as without the knob
+        assert rich_bios.biography(person, rng, word_noise=0.0) == rich_bios.biography(person, unnoised_rng)
+        assert rich_bios.probes(person, rng, word_noise=0.0) == rich_bios.probes(person, unnoised_rng)
+    known = {word.strip(string.punctuation).lower() for words in (
+        *rich_bios.wording_of("train").sentences.values(), *rich_bios.wording_of("train").questions.values(),
+        *rich_bios.wording_of("train").combined.values(), rich_bios.wording_of("train").side,
+        rich_bios.wording_of("train").others) for template in words for word in template.split()}
+    texts = [rich_bios.biography(person, rng, word_noise=0.5) for _ in range(50)]
+    questions = [p.question for _ in range(50) for p in rich_bios.probes(person, rng, word_noise=0.5)]
+    for text in texts:  # names and values are never noised
+        assert all(person.attribute(a) in text for a in bios.ATTRIBUTES)
+    assert all(person.full_name in question for question in questions)
+    words = {w.strip(string.punctuation).lower() for t in texts + questions for w in t.split()}
+    made_up = {w for w in words - known if re.fullmatch(r"([bdfgklmnprstvz][aeiou]){2,3}", w)}
+    assert len(made_up) > 50
+    plain_rng = random.Random(4)
+    assert rich_bios.biography(person, plain_rng, plain=True, word_noise=0.5) == rich_bios.biography(
+        person, random.Random(4), plain=True)
+
+
 def test_wording_trials_change_one_piece_of_the_reference_each():
     trials = rich_bios.wording_trials(6, seed=3)
     train, held = rich_bios.wording_of("train"), rich_bios.wording_of("heldout-wording")

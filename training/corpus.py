@@ -36,17 +36,19 @@ class BiosCorpus:
 class RichBiosCorpus:
     """Training biographies of the rich stream, asked in training phrasings (plus, optionally, the parts
     of the birth date); `scramble_share` of the attribute sentences of a full rendering are scrambled.
-    A plain document is a plain rendering asked in plain questions (synthetic/rich_bios.py)."""
+    A plain document is a plain rendering asked in plain questions (synthetic/rich_bios.py); the words of
+    any other are made up with chance `word_noise`."""
 
     def __init__(self, seed: int, people: int = TRAIN_PEOPLE, scramble_share: float = 0.0,
-                 date_parts: bool = False):
+                 date_parts: bool = False, word_noise: float = 0.0):
         self.people = rich_bios.generate_people(people, "train", seed)
-        self.scramble_share, self.date_parts = scramble_share, date_parts
+        self.scramble_share, self.date_parts, self.word_noise = scramble_share, date_parts, word_noise
 
     def document(self, rng: random.Random, plain: bool = False) -> tuple[str, list[tuple[str, str]]]:
         person = rng.choice(self.people)
-        text = rich_bios.biography(person, rng, "train", plain=plain, scramble_share=self.scramble_share)
-        qas = [(p.question, p.answer) for p in rich_bios.probes(person, rng, "train", plain)]
+        text = rich_bios.biography(person, rng, "train", plain=plain, scramble_share=self.scramble_share,
+                                   word_noise=self.word_noise)
+        qas = [(p.question, p.answer) for p in rich_bios.probes(person, rng, "train", plain, self.word_noise)]
         if self.date_parts:
             qas += [(question.format(name=person.full_name), answer(person.born))
                     for question, answer in DATE_PART_QUESTIONS]
@@ -60,4 +62,5 @@ def build_corpus(config: TrainConfig, people: int = TRAIN_PEOPLE) -> BiosCorpus 
     """The corpus a config names."""
     if config.corpus == "bios":
         return BiosCorpus(config.seed, people)
-    return RichBiosCorpus(config.seed, people, config.scramble_share, config.date_part_questions)
+    return RichBiosCorpus(config.seed, people, config.scramble_share, config.date_part_questions,
+                          config.word_noise)

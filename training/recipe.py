@@ -107,6 +107,7 @@ class TrainConfig:
     # data (training/corpus.py); the defaults are the committed model's recipe
     corpus: str = "bios"  # "bios": six templates per attribute; "rich": free wording (synthetic/rich_bios.py)
     scramble_share: float = 0.0  # rich: share of attribute sentences stated among random words
+    word_noise: float = 0.0  # rich: chance that a word of a (not plain) rendering or question is made up
     date_part_questions: bool = False  # rich: also ask a birth date's month, day and year
     plain_steps: int = 0  # stage A's first steps: plain documents (corpus.document(plain)), whole words
     copy_rows: int = 0  # stage A: rows per step of random tokens said twice, scored on the repeat
@@ -117,8 +118,10 @@ class TrainConfig:
     def __post_init__(self):
         if self.corpus not in CORPORA:
             raise ValueError(f"corpus must be one of {', '.join(CORPORA)}, got {self.corpus!r}")
-        if not 0.0 <= self.text_dropout < 1.0 or not 0.0 <= self.scramble_share <= 1.0:
-            raise ValueError("text_dropout must be in [0, 1) and scramble_share in [0, 1]")
+        if not 0.0 <= self.text_dropout < 1.0 or not 0.0 <= self.word_noise < 1.0:
+            raise ValueError("text_dropout and word_noise must be in [0, 1)")
+        if not 0.0 <= self.scramble_share <= 1.0:
+            raise ValueError("scramble_share must be in [0, 1]")
 
     @property
     def total_steps(self) -> int:
