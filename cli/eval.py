@@ -145,8 +145,9 @@ def _load_checkpoint(args: argparse.Namespace) -> tuple | None:
 
 def run_reading(args: argparse.Namespace, model, tokenizer) -> int:
     from monitoring.reading import format_reading, measure_reading
+    from monitoring.retention import ProbedText
 
-    documents = [_probed(d) for d in heldout_documents(args.split, args.documents, args.seed)]
+    documents = [ProbedText.of(d) for d in heldout_documents(args.split, args.documents, args.seed)]
     result = measure_reading(model, tokenizer, documents, args.people)
     result.update(model=str(args.model), split=args.split)
     print(format_reading(result))
@@ -161,11 +162,11 @@ def run_retention(args: argparse.Namespace, model, tokenizer) -> int:
 
     heldout = heldout_documents(args.split, args.people + max(args.later), args.seed)
     if args.docs is None:
-        stream = [_probed(d) for d in heldout[: args.people]]
+        stream = [ProbedText.of(d) for d in heldout[: args.people]]
     else:
         try:
             lines = [line for line in args.docs.read_text(encoding="utf-8").splitlines() if line.strip()]
-            stream = [_probed(parse_document(line.encode())) for line in lines]
+            stream = [ProbedText.of(parse_document(line.encode())) for line in lines]
         except (OSError, InvalidDocument) as error:
             print(f"ckl eval retention: {args.docs}: {error}", file=sys.stderr)
             return 2
@@ -228,12 +229,6 @@ def heldout_documents(split: str, n: int, seed: int) -> list:
     if split == "heldout":
         return list(bios.bio_documents(n, "heldout", seed))
     return list(rich_bios.bio_documents(n, split, seed))
-
-
-def _probed(document):
-    from monitoring.retention import ProbedText
-
-    return ProbedText(document.text, tuple((p.question, p.answer) for p in document.probes))
 
 
 def _later_list(text: str) -> list[int]:

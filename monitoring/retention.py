@@ -39,6 +39,11 @@ class ProbedText:
     text: str
     probes: tuple[tuple[str, str], ...]
 
+    @classmethod
+    def of(cls, document) -> "ProbedText":
+        """A document's text and probes (any object with `text` and `probes` of question and answer)."""
+        return cls(document.text, tuple((p.question, p.answer) for p in document.probes))
+
 
 class Bank(Protocol):
     def add(self, doc_id: str, text: str, tokens: torch.Tensor) -> None: ...

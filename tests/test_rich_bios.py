@@ -85,10 +85,10 @@ def test_word_noise_makes_up_template_words_only_and_draws_nothing_when_off():
     for _ in range(50):  # noise 0 renders and asks exactly as without the knob
         assert rich_bios.biography(person, rng, word_noise=0.0) == rich_bios.biography(person, unnoised_rng)
         assert rich_bios.probes(person, rng, word_noise=0.0) == rich_bios.probes(person, unnoised_rng)
-    known = {word.strip(string.punctuation).lower() for words in (
-        *rich_bios.wording_of("train").sentences.values(), *rich_bios.wording_of("train").questions.values(),
-        *rich_bios.wording_of("train").combined.values(), rich_bios.wording_of("train").side,
-        rich_bios.wording_of("train").others) for template in words for word in template.split()}
+    train = rich_bios.wording_of("train")
+    known = {word.strip(string.punctuation).lower()
+             for words in (*train.sentences.values(), *train.questions.values(), *train.combined.values(),
+                           train.side, train.others) for template in words for word in template.split()}
     texts = [rich_bios.biography(person, rng, word_noise=0.5) for _ in range(50)]
     questions = [p.question for _ in range(50) for p in rich_bios.probes(person, rng, word_noise=0.5)]
     for text in texts:  # names and values are never noised

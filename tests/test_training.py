@@ -206,8 +206,7 @@ def test_retention_without_the_baseline_asks_the_same_and_reports_none():
     from monitoring.retention import ProbedText, measure_retention
 
     model, tokenizer = MemoryLLM.from_pretrained(DEFAULT_MODEL), load_tokenizer(DEFAULT_MODEL)
-    stream = [ProbedText(doc.text, tuple((p.question, p.answer) for p in doc.probes))
-              for doc in bios.bio_documents(3, split="heldout", seed=7)]
+    stream = [ProbedText.of(doc) for doc in bios.bio_documents(3, split="heldout", seed=7)]
     with_baseline = measure_retention(model, tokenizer, stream, later=(0, 1), progress=False)
     without = measure_retention(model, tokenizer, stream, later=(0, 1), progress=False, baseline=False)
     assert with_baseline["baseline_accuracy"] is not None and without["baseline_accuracy"] is None
