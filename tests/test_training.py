@@ -101,6 +101,13 @@ def test_init_from_refuses_a_checkpoint_of_another_shape(tmp_path):
     assert not (tmp_path / "training.json").exists()
 
 
+def test_a_recipe_without_stage_a_refuses_to_start_from_random_weights(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "cli", "train", "--preset", "rich-ask-all", "--out",
+                             str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "--init-from" in result.stderr
+    assert not (tmp_path / "training.json").exists()
+
+
 def test_default_checkpoint_recalls_injected_heldout_people_by_name(tmp_path):
     out_json, out_png = tmp_path / "retention.json", tmp_path / "retention.png"
     ckl("eval", "retention", "--model", str(DEFAULT_MODEL), "--people", "12", "--later", "0,1",

@@ -158,6 +158,11 @@ PRESETS["tiny-rich"] = dataclasses.replace(
     copy_length=4, text_dropout=0.1, max_old_age=6, bank_rows=1, bank_entries=1, bank_archive=4,
     prompt_rows=1,
 )
+# stage B of the rich recipe again, from a rich checkpoint (--init-from), asking every question about each
+# freshly written person (2 of 8 leave three quarters of a write unsupervised); model/rich's second command
+PRESETS["rich-ask-all"] = dataclasses.replace(
+    PRESETS["rich"], reader_steps=0, memory_steps=1500, cooldown_steps=300, questions_per_person=8,
+)
 
 
 class Corpus(Protocol):
@@ -649,6 +654,9 @@ def make_trainer(config: TrainConfig, corpus: Corpus, out_dir: Path, resume: boo
         if summary["config"]["reader_steps"] != config.reader_steps and trainer.step > config.reader_steps:
             raise ValueError(f"--resume: {out_dir} is at step {trainer.step}, past the new end of stage A")
         return trainer
+    if config.reader_steps == 0 and not config.init_from:
+        raise ValueError("this recipe has no stage A (it trains only the memory): start it from a "
+                         "trained checkpoint with --init-from")
     if config.init_from:
         tokenizer, model = _load_checkpoint(Path(config.init_from), config)
         _check_shape(model.config, model_config(config, len(tokenizer)), config.init_from)
