@@ -137,6 +137,25 @@ def test_eval_reading_reads_documents_in_the_prompt_with_the_pool_switched_off(t
     assert "random pick" in printed
 
 
+def test_reading_switches_the_pool_off_and_restores_it():
+    from monitoring.reading import measure_reading
+    from monitoring.retention import ProbedText, QueryRunner
+
+    model, tokenizer = MemoryLLM.from_pretrained(DEFAULT_MODEL), load_tokenizer(DEFAULT_MODEL)
+    document = ProbedText.of(next(iter(bios.bio_documents(1, split="heldout", seed=3))))
+    in_prompt = measure_reading(model, tokenizer, [document], people=(1,))
+    QueryRunner(model, tokenizer).inject(document.text)  # now the pool holds the answers too
+    said = QueryRunner(model, tokenizer).answer([q for q, _ in document.probes], 8)
+    assert sum(answers_match(s, a) for s, (_, a) in zip(said, document.probes, strict=True)) >= 3
+    held = model.memory_state()
+    # the default model reads poorly in the prompt (about 10%) and well through memory: a pool left on
+    # would show here
+    assert measure_reading(model, tokenizer, [document], people=(1,)) == in_prompt
+    after = model.memory_state()
+    assert torch.equal(after.pool, held.pool) and after.initialized
+    assert after.num_injections == held.num_injections
+
+
 def test_eval_wording_tries_each_heldout_phrasing_and_template_alone(tmp_path):
     out_json = tmp_path / "wording.json"
     printed = ckl("eval", "wording", "--model", str(RICH_MODEL), "--people", "4", "--json", str(out_json),
