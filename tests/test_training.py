@@ -91,6 +91,7 @@ def test_init_from_starts_a_run_from_a_checkpoints_weights_and_tokenizer(tmp_pat
     ckl("train", "--preset", "tiny", "--seed", "1", "--out", str(continued), "--resume", cwd=REPO_ROOT)
     resumed = training_summary(continued)
     assert resumed["step"] == resumed["config"]["reader_steps"] + resumed["config"]["memory_steps"] > 1
+    assert resumed["config"]["init_from"] == str(start)  # the record of where the run started stays
 
 
 def test_init_from_refuses_a_checkpoint_of_another_shape(tmp_path):

@@ -648,6 +648,9 @@ def make_trainer(config: TrainConfig, corpus: Corpus, out_dir: Path, resume: boo
         mismatch = _resume_mismatch(summary["config"], config, summary["step"])
         if mismatch:
             raise ValueError(f"--resume: {out_dir} was trained with another config (saved, new): {mismatch}")
+        # the run keeps the record of the checkpoint it started from
+        started_from = config.init_from or summary["config"].get("init_from", "")
+        config = dataclasses.replace(config, init_from=started_from)
         tokenizer, model = _load_checkpoint(out_dir, config)
         trainer = Trainer(config, corpus, tokenizer, model, ds_config, device)
         trainer.restore(out_dir)
