@@ -129,11 +129,11 @@ def test_eval_reading_reads_documents_in_the_prompt_with_the_pool_switched_off(t
                   "16", "--people", "1,4", "--json", str(out_json), cwd=tmp_path).stdout
     one, four = json.loads(out_json.read_text())["rows"]
     assert (one["people"], four["people"]) == (1, 4) and one["questions"] == four["questions"] == 80
-    # the biography in the prompt is read (measured 63% on 64 documents, 66% on these 16; nothing in the
+    # the biography in the prompt is read (measured 93% on 64 documents, 91% on these 16; nothing in the
     # prompt: ~1%)
-    assert one["accuracy"] >= 0.6
+    assert one["accuracy"] >= 0.8
     # model/rich binds: among 4 people it keeps most of its one-person accuracy, where a model that reads
-    # values without knowing whose they are picks one of them at random (measured 49% against 16%)
+    # values without knowing whose they are picks one of them at random (measured 80% against 23%)
     assert four["accuracy"] >= 2 * one["accuracy"] / 4
     assert "random pick" in printed
 
@@ -206,8 +206,8 @@ def test_rich_checkpoint_reads_hand_written_wording_the_default_cannot(tmp_path)
         assert data["documents"] == 36 and data["curve"][0]["questions"] == 156
         assert data["baseline_accuracy"] <= 0.05
         fresh[name] = data["fresh_accuracy"]
-    # measured: default 3.8%, rich 74.4% (docs/default_model.md)
-    assert fresh["default"] <= 0.10 and fresh["rich"] >= 0.6
+    # measured: default 3.8%, rich 78.8% (docs/default_model.md)
+    assert fresh["default"] <= 0.10 and fresh["rich"] >= 0.7
     assert training_summary(RICH_MODEL)["config"]["corpus"] == "rich"
 
 
