@@ -18,7 +18,8 @@ words; binding to names is learned there, where every sentence names its person 
 of random tokens said twice (`copy_rows`: copying months and numbers), word-piece dropout on scored texts
 (`text_dropout`), questions further back (`max_old_age`), and in stage B rows that ask about one of a
 few archived entries retrieved after the pool, as `ckl serve` lays out bank entries (`bank_rows`), and
-rows that keep reading biographies in the prompt as stage A did (`prompt_rows`).
+rows that keep reading biographies in the prompt as stage A did (`prompt_rows`). `rich-ask-all` is its
+stage B alone, started from a rich checkpoint, asking every question about each fresh person.
 
 The recipe is data-agnostic: a `Corpus` gives documents with their question/answer pairs and filler
 texts (training/corpus.py builds the default one from the synthetic biographies). Runs go through
