@@ -145,8 +145,9 @@ def test_reading_switches_the_pool_off_and_restores_it():
     model, tokenizer = MemoryLLM.from_pretrained(DEFAULT_MODEL), load_tokenizer(DEFAULT_MODEL)
     document = ProbedText.of(next(iter(bios.bio_documents(1, split="heldout", seed=3))))
     in_prompt = measure_reading(model, tokenizer, [document], people=(1,))
-    QueryRunner(model, tokenizer).inject(document.text)  # now the pool holds the answers too
-    said = QueryRunner(model, tokenizer).answer([q for q, _ in document.probes], 8)
+    runner = QueryRunner(model, tokenizer)
+    runner.inject(document.text)  # now the pool holds the answers too
+    said = runner.answer([q for q, _ in document.probes], 8)
     assert sum(answers_match(s, a) for s, (_, a) in zip(said, document.probes, strict=True)) >= 3
     held = model.memory_state()
     # the default model reads poorly in the prompt (about 10%) and well through memory: a pool left on
