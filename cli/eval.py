@@ -11,6 +11,10 @@ format (those with probes are asked; the file's other documents are injected too
 way the later injections after the probed documents are further held-out biographies of the split. See
 monitoring/retention.py for the protocol. Prints a table; writes JSON and a PNG plot on request.
 
+With --spacing S every probed document is followed by S held-out filler paragraphs (later counts them):
+with S >= max(later) no other document's facts come between a document and its questions, so the curve
+shows forgetting by drops alone, and the gap to the usual curve is what the other documents cost.
+
 With --bank every injection is also appended to a real memory bank (a temporary directory) and each
 probe is asked twice, from the pool alone and with the bank's entries retrieved for the question: the
 two curves side by side. --later 200,1000 shows what the bank keeps long after the pool forgot.
@@ -48,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub.add_argument("--filler-docs", type=non_negative_int, default=50,
                      help="held-out filler paragraphs for the LM loss (default 50; 0 to skip)")
     sub.add_argument("--seed", type=seed_number, default=0, help="seed of the held-out draw and memory drops")
+    sub.add_argument("--spacing", type=non_negative_int, default=0,
+                     help="held-out filler paragraphs injected after each probed document (default 0)")
     bank = sub.add_argument_group("memory bank")
     bank.add_argument("--bank", action="store_true",
                       help="also answer with retrieval from a memory bank fed by the same injections")
@@ -158,7 +164,7 @@ def run_reading(args: argparse.Namespace, model, tokenizer) -> int:
 def run_retention(args: argparse.Namespace, model, tokenizer) -> int:
     from documents.parse import InvalidDocument, parse_document
     from monitoring.answers import format_per_later, wrong_answer_kinds
-    from monitoring.retention import ProbedText, format_table, measure_retention, plot_curve
+    from monitoring.retention import ProbedText, format_table, measure_retention, plot_curve, spaced
 
     heldout = heldout_documents(args.split, args.people + max(args.later), args.seed)
     if args.docs is None:
@@ -173,9 +179,12 @@ def run_retention(args: argparse.Namespace, model, tokenizer) -> int:
         if not any(doc.probes for doc in stream):
             print(f"ckl eval retention: no document in {args.docs} carries probes", file=sys.stderr)
             return 2
+    held_out_filler = [d.text for d in filler.filler_documents(
+        args.filler_docs + args.spacing * sum(1 for doc in stream if doc.probes), "heldout", args.seed)]
+    lm_texts = held_out_filler[: args.filler_docs]
+    stream = spaced(stream, held_out_filler[args.filler_docs :], args.spacing)
     # later injections after the last probed document: other held-out people, never probed
     stream += [ProbedText(d.text, ()) for d in heldout[args.people :]]
-    lm_texts = [d.text for d in filler.filler_documents(args.filler_docs, "heldout", args.seed)]
     with tempfile.TemporaryDirectory(prefix="ckl-eval-bank-") as bank_dir:
         bank = None
         if args.bank:
@@ -185,7 +194,8 @@ def run_retention(args: argparse.Namespace, model, tokenizer) -> int:
                                          keys=args.keys)
             bank = StreamBank(model, bank_dir, settings, SlotFormat(args.slots, args.slot_dtype))
         result = measure_retention(model, tokenizer, stream, args.later, lm_texts, args.seed, bank)
-    result.update(model=str(args.model), docs=str(args.docs) if args.docs else f"{args.split} people")
+    result.update(model=str(args.model), docs=str(args.docs) if args.docs else f"{args.split} people",
+                  spacing=args.spacing)
     if args.bank:
         result["bank"] = {"top_k": args.top_k, "keys": args.keys,
                           "slots": args.slots or model.config.num_tokens, "slot_dtype": args.slot_dtype}

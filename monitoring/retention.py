@@ -45,6 +45,20 @@ class ProbedText:
         return cls(document.text, tuple((p.question, p.answer) for p in document.probes))
 
 
+def spaced(stream: Sequence[ProbedText], spacers: Sequence[str], spacing: int) -> list[ProbedText]:
+    """The stream with `spacing` unprobed texts, taken in order from `spacers`, after each probed document:
+    with spacing >= max(later), no other probed document comes between a document and its questions."""
+    needed = spacing * sum(1 for doc in stream if doc.probes)
+    if len(spacers) < needed:
+        raise ValueError(f"spacing {spacing} needs {needed} spacer texts, got {len(spacers)}")
+    spacer_texts, result = iter(spacers), []
+    for doc in stream:
+        result.append(doc)
+        if doc.probes:
+            result += [ProbedText(next(spacer_texts), ()) for _ in range(spacing)]
+    return result
+
+
 class Bank(Protocol):
     def add(self, doc_id: str, text: str, tokens: torch.Tensor) -> None: ...
 

@@ -230,6 +230,29 @@ def test_eval_retention_measures_the_heldout_wording_split(tmp_path):
     assert data["fresh_accuracy"] == sum(answers_match(a["said"], a["answer"]) for a in fresh) / 15
 
 
+def test_spacing_puts_filler_after_each_probed_document_only():
+    from monitoring.retention import ProbedText, spaced
+
+    stream = [ProbedText("a", (("q", "x"),)), ProbedText("b", ()), ProbedText("c", (("q", "y"),))]
+    result = spaced(stream, ["f1", "f2", "f3", "f4", "f5"], 2)
+    assert [doc.text for doc in result] == ["a", "f1", "f2", "b", "c", "f3", "f4"]
+    assert [bool(doc.probes) for doc in result] == [True, False, False, False, True, False, False]
+    assert spaced(stream, [], 0) == stream
+    with pytest.raises(ValueError, match="needs 4 spacer texts"):
+        spaced(stream, ["f1"], 2)
+
+
+def test_eval_retention_spacing_asks_each_document_with_filler_between(tmp_path):
+    out_json = tmp_path / "spaced.json"
+    ckl("eval", "retention", "--model", str(DEFAULT_MODEL), "--people", "3", "--later", "0,2",
+        "--spacing", "2", "--filler-docs", "0", "--json", str(out_json), cwd=tmp_path)
+    data = json.loads(out_json.read_text())
+    assert data["spacing"] == 2 and data["documents"] == 3
+    assert {a["document"] for a in data["answers"]} == {0, 3, 6}  # stream positions: 2 fillers after each
+    after_two = [a for a in data["answers"] if a["later"] == 2]
+    assert len(after_two) == 15  # asked right before the next person is injected
+
+
 def test_retention_without_the_baseline_asks_the_same_and_reports_none():
     from monitoring.retention import ProbedText, measure_retention
 
