@@ -13,7 +13,8 @@ monitoring/retention.py for the protocol. Prints a table; writes JSON and a PNG 
 
 With --spacing S every probed document is followed by S held-out filler paragraphs (later counts them):
 with S >= max(later) no other document's facts come between a document and its questions, so the curve
-shows forgetting by drops alone, and the gap to the usual curve is what the other documents cost.
+shows forgetting without them (drops, and the survivors moving away from the question), and the gap to
+the usual curve is what the other documents cost.
 
 With --bank every injection is also appended to a real memory bank (a temporary directory) and each
 probe is asked twice, from the pool alone and with the bank's entries retrieved for the question: the
