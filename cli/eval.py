@@ -110,10 +110,12 @@ Each held-out piece of wording of the free-wording stream (synthetic/rich_bios.p
 plain biographies of held-out people in training wording, with only that phrasing asked or only that
 template stating its attribute. Every trial of an attribute uses the same people and the same other
 sentences as its reference trial (training wording only), so a trial's fall below the reference is that
-piece's. By default each biography is injected into memory and its question asked right after (the fresh
-point of `ckl eval retention`), as the pipeline reads; --through prompt puts each person alone in the
-prompt with the pool switched off instead (as `ckl eval reading`). The two can differ: training's memory
-stage trains reading through memory only.
+piece's. The value-first templates of training wording are tried the same way: they tell whether a
+held-out value-first template fails for its wording or for stating the value first. By default each
+biography is injected into memory and its question asked right after (the fresh point of
+`ckl eval retention`), as the pipeline reads; --through prompt puts each person alone in the prompt with
+the pool switched off instead (as `ckl eval reading`). The two can differ: training's memory stage trains
+reading through memory only.
 """
 
 

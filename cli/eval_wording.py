@@ -1,6 +1,7 @@
 """`ckl eval wording`: each held-out question phrasing and sentence template tried alone (the trials of
-`rich_bios.wording_trials`), read through memory (the fresh point of `ckl eval retention`) or in the prompt
-(as `ckl eval reading` reads one person), and the mean of each kind."""
+`rich_bios.wording_trials`), with the value-first training templates as a control, read through memory (the
+fresh point of `ckl eval retention`) or in the prompt (as `ckl eval reading` reads one person), and the mean
+of each kind."""
 
 from synthetic import rich_bios
 
@@ -10,6 +11,7 @@ SUMMARY_GROUPS = {
     "held-out question phrasings": lambda row: row["kind"] == "question",
     "held-out templates, name first": lambda row: row["kind"] == "template" and not row["value_first"],
     "held-out templates, value first": lambda row: row["kind"] == "template" and row["value_first"],
+    "training templates, value first": lambda row: row["kind"] == "training template",
 }
 
 
@@ -51,10 +53,10 @@ def format_wording(result: dict) -> str:
     how = ("each injected into memory, asked right after" if result["through"] == "memory"
            else "each alone in the prompt, pool off")
     lines = [f"held-out wording, one piece at a time ({result['people']} held-out people, {how})",
-             f"{'attribute':<11} {'accuracy':>8}  {'trial':<9} wording"]
+             f"{'attribute':<11} {'accuracy':>8}  {'trial':<17} wording"]
     for row in result["trials"]:
         marker = "  [value first]" if row["value_first"] else ""
-        lines.append(f"{row['attribute']:<11} {100 * row['accuracy']:>7.1f}%  {row['kind']:<9} "
+        lines.append(f"{row['attribute']:<11} {100 * row['accuracy']:>7.1f}%  {row['kind']:<17} "
                      f"{row['wording']}{marker}")
     lines.append("mean accuracy")
     for group, mean in result["summary"].items():

@@ -152,10 +152,11 @@ class WordingTrial:
     """One held-out question phrasing or sentence template alone in otherwise plain training wording:
     a plain rendering of each person (the template stating its attribute, for a template) and a question
     about that attribute (the phrasing, for a phrasing; else the attribute's first training phrasing).
-    The "reference" trial of an attribute has training wording only."""
+    The "reference" trial of an attribute has training wording only; a "training template" trial tries
+    a value-first template of training wording the same way, the control for held-out value-first ones."""
 
     attribute: str
-    kind: str  # "reference", "question" or "template"
+    kind: str  # "reference", "question", "template" (held out) or "training template" (value first)
     wording: str  # the phrasing or template tried ("reference": the question asked)
     texts: tuple[str, ...]
     probes: tuple[Probe, ...]  # one per text
@@ -163,12 +164,16 @@ class WordingTrial:
     @property
     def value_first(self) -> bool:
         """A template that states the value before it names the person."""
-        return self.kind == "template" and not names_first((self.wording,))
+        return self.kind in TEMPLATE_KINDS and not names_first((self.wording,))
+
+
+TEMPLATE_KINDS = ("template", "training template")  # trials that change the sentence stating the value
 
 
 def wording_trials(n: int, seed: int = 0) -> list[WordingTrial]:
-    """Per attribute: the reference trial, then one trial per held-out question phrasing and per held-out
-    sentence template, each over the same n held-out people with the same other sentences."""
+    """Per attribute: the reference trial, then one trial per held-out question phrasing, per held-out
+    sentence template and per value-first training template, each over the same n held-out people with
+    the same other sentences."""
     people = generate_people(n, "heldout-wording", seed)
     train, held = wording_of("train"), wording_of("heldout-wording")
     trials = []
@@ -177,9 +182,12 @@ def wording_trials(n: int, seed: int = 0) -> list[WordingTrial]:
         tried = [("reference", first, first)]
         tried += [("question", phrasing, phrasing) for phrasing in held.questions[attribute]]
         tried += [("template", template, first) for template in held.sentences[attribute]]
+        trained = train.sentences[attribute]
+        tried += [("training template", template, first) for template in trained
+                  if template not in names_first(trained)]
         for kind, tried_wording, question in tried:
             rng = random.Random(f"ckl-rich-bios-trial:{seed}:{attribute}")  # the same draws in every trial
-            stated_by = {attribute: tried_wording} if kind == "template" else {}
+            stated_by = {attribute: tried_wording} if kind in TEMPLATE_KINDS else {}
             texts = []
             for person in people:
                 order = list(bios.ATTRIBUTES)

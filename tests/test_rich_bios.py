@@ -110,6 +110,11 @@ def test_wording_trials_change_one_piece_of_the_reference_each():
         assert reference.kind == "reference" and reference.wording == train.questions[attribute][0]
         assert [t.wording for t in tried if t.kind == "question"] == list(held.questions[attribute])
         assert [t.wording for t in tried if t.kind == "template"] == list(held.sentences[attribute])
+        trained = [t.wording for t in tried if t.kind == "training template"]
+        assert trained and set(trained) <= set(train.sentences[attribute])
+        assert all(t.index("{value}") < t.index("{name}") for t in trained)
+        assert len(trained) == len(train.sentences[attribute]) - len(rich_bios.names_first(
+            train.sentences[attribute]))
         people = rich_bios.generate_people(6, "heldout-wording", seed=3)
         assert [p.answer for p in reference.probes] == [person.attribute(attribute) for person in people]
         for trial in tried:

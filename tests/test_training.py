@@ -166,7 +166,9 @@ def test_eval_wording_tries_each_heldout_phrasing_and_template_alone(tmp_path):
     kinds = [row["kind"] for row in result["trials"]]
     assert kinds == [kind for attribute in bios.ATTRIBUTES for kind in (
         ["reference"] + ["question"] * len(rich_bios.held_out(wording.QUESTION_TEMPLATES[attribute]))
-        + ["template"] * len(rich_bios.held_out(wording.SENTENCE_TEMPLATES[attribute])))]
+        + ["template"] * len(rich_bios.held_out(wording.SENTENCE_TEMPLATES[attribute]))
+        + ["training template"] * sum(t.index("{value}") < t.index("{name}")
+                                      for t in rich_bios.wording_of("train").sentences[attribute]))]
     for row in result["trials"]:
         assert row["accuracy"] in {0.0, 0.25, 0.5, 0.75, 1.0}  # 4 people, one question each
         assert row["wording"] in printed
@@ -177,6 +179,9 @@ def test_eval_wording_tries_each_heldout_phrasing_and_template_alone(tmp_path):
         for templates in wording.SENTENCE_TEMPLATES.values() for t in rich_bios.held_out(templates))
     assert result["summary"]["held-out templates, value first"] == pytest.approx(
         sum(value_first) / len(value_first))
+    trained = [row["accuracy"] for row in result["trials"] if row["kind"] == "training template"]
+    assert all(row["value_first"] for row in result["trials"] if row["kind"] == "training template")
+    assert result["summary"]["training templates, value first"] == pytest.approx(sum(trained) / len(trained))
     assert "[value first]" in printed and "held-out question phrasings" in printed
     assert result["through"] == "memory" and "injected into memory" in printed
     ckl("eval", "wording", "--model", str(RICH_MODEL), "--people", "1", "--through", "prompt", "--json",
