@@ -52,7 +52,7 @@ def format_wording(result: dict) -> str:
     """The trials as a text table, then the mean of each kind."""
     how = ("each injected into memory, asked right after" if result["through"] == "memory"
            else "each alone in the prompt, pool off")
-    lines = [f"held-out wording, one piece at a time ({result['people']} held-out people, {how})",
+    lines = [f"wording, one piece at a time ({result['people']} held-out people, {how})",
              f"{'attribute':<11} {'accuracy':>8}  {'trial':<17} wording"]
     for row in result["trials"]:
         marker = "  [value first]" if row["value_first"] else ""

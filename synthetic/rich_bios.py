@@ -147,6 +147,9 @@ def probes(person: bios.Person, rng: random.Random, split: str = "train", plain:
                  for a, phrasing in zip(bios.ATTRIBUTES, phrasings, strict=True))
 
 
+TEMPLATE_KINDS = ("template", "training template")  # trials that change the sentence stating the value
+
+
 @dataclass(frozen=True)
 class WordingTrial:
     """One held-out question phrasing or sentence template alone in otherwise plain training wording:
@@ -165,9 +168,6 @@ class WordingTrial:
     def value_first(self) -> bool:
         """A template that states the value before it names the person."""
         return self.kind in TEMPLATE_KINDS and not names_first((self.wording,))
-
-
-TEMPLATE_KINDS = ("template", "training template")  # trials that change the sentence stating the value
 
 
 def wording_trials(n: int, seed: int = 0) -> list[WordingTrial]:
