@@ -15,7 +15,9 @@ Splits:
 A `plain` rendering (one template sentence per attribute, each naming the person in full before the
 value, nothing else) and `plain` questions (each attribute's first phrasing) are the easy start of the
 training recipe: a small model learns to bind values to names there, where the name always comes first,
-and not from the start on the full stream (docs/default_model.md). A scrambled sentence states the
+and not from the start on the full stream (docs/default_model.md). With `value_first_share`, a plain
+sentence states the value before the name instead, with that chance: the recipe's value-first phase,
+where a model learns to read a value before it knows whose it is. A scrambled sentence states the
 value among random words, so only the value's type tells the attribute. With `word_noise`, a training
 rendering's and question's own words are each, with that chance, replaced by a made-up word, as words a
 model never met stand in held-out wording. Everything is deterministic in the seed and the rng state.
@@ -111,13 +113,13 @@ def generate_people(n: int, split: str = "train", seed: int = 0) -> list[bios.Pe
 
 
 def biography(person: bios.Person, rng: random.Random, split: str = "train", plain: bool = False,
-              scramble_share: float = 0.0, word_noise: float = 0.0) -> str:
+              scramble_share: float = 0.0, word_noise: float = 0.0, value_first_share: float = 0.0) -> str:
     """One rendering of the person's biography in the split's wording (see the module docstring)."""
     words = wording_of(split)
     order = list(bios.ATTRIBUTES)
     rng.shuffle(order)
     if plain:
-        return _plain_rendering(person, order, words, rng)
+        return _plain_rendering(person, order, words, rng, value_first_share=value_first_share)
     templates = _attribute_sentences(order, words, rng)
     for _ in range(rng.randint(*SIDE_SENTENCES)):
         templates.insert(rng.randint(1, len(templates)), rng.choice(words.side))
@@ -215,12 +217,16 @@ def bio_documents(n: int, split: str = "train", seed: int = 0) -> Iterator[Docum
 
 
 def _plain_rendering(person: bios.Person, order: list[str], words: Wording, rng: random.Random,
-                     stated_by: dict[str, str] | None = None) -> str:
-    """One name-first template per attribute in `order`, naming the person in full; `stated_by` replaces
-    the template of an attribute (the draw is made all the same)."""
+                     stated_by: dict[str, str] | None = None, value_first_share: float = 0.0) -> str:
+    """One name-first template per attribute in `order`, naming the person in full; with chance
+    `value_first_share`, a template stating the value first instead. `stated_by` replaces the template of
+    an attribute (the draw is made all the same)."""
     sentences = []
     for attribute in order:
-        template = rng.choice(names_first(words.sentences[attribute]))
+        templates = names_first(words.sentences[attribute])
+        if value_first_share and rng.random() < value_first_share:
+            templates = tuple(t for t in words.sentences[attribute] if t not in templates)
+        template = rng.choice(templates)
         template = (stated_by or {}).get(attribute, template)
         sentences.append(_fill(template, person.full_name, person, attribute))
     return " ".join(sentences)

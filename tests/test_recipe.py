@@ -17,6 +17,7 @@ from training.recipe import (
     _resume_mismatch,
     copy_row,
     model_config,
+    value_first_share,
 )
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "model" / "default"
@@ -81,6 +82,17 @@ def test_config_refuses_an_unknown_corpus_and_bad_shares():
         TrainConfig(text_dropout=1.0)
     with pytest.raises(ValueError, match="word_noise"):
         TrainConfig(word_noise=-0.1)
+    with pytest.raises(ValueError, match="value_first_steps"):
+        TrainConfig(plain_steps=100, value_first_steps=200)
+
+
+def test_the_value_first_phase_is_the_plain_starts_last_steps():
+    config = PRESETS["rich-vf"]
+    start = config.plain_steps - config.value_first_steps
+    shares = [value_first_share(config, step) for step in (0, start - 1, start, config.plain_steps - 1,
+                                                           config.plain_steps, config.reader_steps)]
+    assert shares == [0.0, 0.0, 0.5, 0.5, 0.0, 0.0]
+    assert not any(value_first_share(PRESETS["rich"], step) for step in range(0, 8000, 50))
 
 
 def test_a_checkpoint_of_the_presets_shape_passes_the_shape_check_and_another_does_not():

@@ -79,6 +79,20 @@ def test_a_plain_rendering_names_the_person_before_each_value_and_plain_question
     assert all(len(rich_bios.names_first(t)) >= 20 for t in rich_bios.wording_of("train").sentences.values())
 
 
+def test_a_value_first_plain_rendering_states_each_value_before_the_name():
+    rng = random.Random(3)
+    first_sentence_value_first = 0
+    for person in rich_bios.generate_people(200, "train", seed=3):
+        values = [person.attribute(a) for a in bios.ATTRIBUTES]
+        before, *after = rich_bios.biography(person, rng, plain=True, value_first_share=1.0).split(
+            person.full_name)
+        assert len(after) == len(bios.ATTRIBUTES)  # still named in full in every sentence
+        assert sum(v in before for v in values) == 1 and not any(v in after[-1] for v in values)
+        half = rich_bios.biography(person, rng, plain=True, value_first_share=0.5)
+        first_sentence_value_first += any(v in half.split(person.full_name)[0] for v in values)
+    assert 70 < first_sentence_value_first < 130  # about half of the first sentences, at 0.5
+
+
 def test_word_noise_makes_up_template_words_only_and_draws_nothing_when_off():
     person = rich_bios.generate_people(1, "train", seed=4)[0]
     rng, unnoised_rng = random.Random(3), random.Random(3)

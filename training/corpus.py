@@ -25,8 +25,9 @@ class BiosCorpus:
     def __init__(self, seed: int, people: int = TRAIN_PEOPLE):
         self.people = bios.generate_people(people, "train", seed)
 
-    def document(self, rng: random.Random, plain: bool = False) -> tuple[str, list[tuple[str, str]]]:
-        person = rng.choice(self.people)
+    def document(self, rng: random.Random, plain: bool = False, value_first: float = 0.0
+                 ) -> tuple[str, list[tuple[str, str]]]:
+        person = rng.choice(self.people)  # one kind of rendering: `plain` and `value_first` do not apply
         return bios.biography(person, rng), [(p.question, p.answer) for p in bios.probes(person)]
 
     def filler(self, rng: random.Random) -> str:
@@ -36,18 +37,19 @@ class BiosCorpus:
 class RichBiosCorpus:
     """Training biographies of the rich stream, asked in training phrasings (plus, optionally, the parts
     of the birth date); `scramble_share` of the attribute sentences of a full rendering are scrambled.
-    A plain document is a plain rendering asked in plain questions (synthetic/rich_bios.py); the words of
-    any other are made up with chance `word_noise`."""
+    A plain document is a plain rendering asked in plain questions (synthetic/rich_bios.py), its values
+    stated first with chance `value_first`; the words of any other are made up with chance `word_noise`."""
 
     def __init__(self, seed: int, people: int = TRAIN_PEOPLE, scramble_share: float = 0.0,
                  date_parts: bool = False, word_noise: float = 0.0):
         self.people = rich_bios.generate_people(people, "train", seed)
         self.scramble_share, self.date_parts, self.word_noise = scramble_share, date_parts, word_noise
 
-    def document(self, rng: random.Random, plain: bool = False) -> tuple[str, list[tuple[str, str]]]:
+    def document(self, rng: random.Random, plain: bool = False, value_first: float = 0.0
+                 ) -> tuple[str, list[tuple[str, str]]]:
         person = rng.choice(self.people)
         text = rich_bios.biography(person, rng, "train", plain=plain, scramble_share=self.scramble_share,
-                                   word_noise=self.word_noise)
+                                   word_noise=self.word_noise, value_first_share=value_first)
         qas = [(p.question, p.answer) for p in rich_bios.probes(person, rng, "train", plain, self.word_noise)]
         if self.date_parts:
             qas += [(question.format(name=person.full_name), answer(person.born))

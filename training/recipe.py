@@ -19,7 +19,10 @@ of random tokens said twice (`copy_rows`: copying months and numbers), word-piec
 (`text_dropout`), questions further back (`max_old_age`), and in stage B rows that ask about one of a
 few archived entries retrieved after the pool, as `ckl serve` lays out bank entries (`bank_rows`), and
 rows that keep reading biographies in the prompt as stage A did (`prompt_rows`). `rich-ask-all` is its
-stage B alone, started from a rich checkpoint, asking every question about each fresh person.
+stage B alone, started from a rich checkpoint, asking every question about each fresh person. `rich-vf`
+is the candidate next recipe: the plain start's last steps state values before names (`value_first_steps`:
+reading a value before knowing whose it is), every question asked in stage B, made-up words
+(`word_noise`), and filler read in whole words (`filler_dropout` off).
 
 The recipe is data-agnostic: a `Corpus` gives documents with their question/answer pairs and filler
 texts (training/corpus.py builds the default one from the synthetic biographies). Runs go through
@@ -111,9 +114,11 @@ class TrainConfig:
     word_noise: float = 0.0  # rich: chance that a word of a (not plain) rendering or question is made up
     date_part_questions: bool = False  # rich: also ask a birth date's month, day and year
     plain_steps: int = 0  # stage A's first steps: plain documents (corpus.document(plain)), whole words
+    value_first_steps: int = 0  # ... the last of them: each value stated first with chance VALUE_FIRST_SHARE
     copy_rows: int = 0  # stage A: rows per step of random tokens said twice, scored on the repeat
     copy_length: int = 32  # ... tokens said in each half
     text_dropout: float = 0.0  # chance that a word of a scored text is split at a random point
+    filler_dropout: bool = True  # ... filler LM rows included
     init_from: str = ""  # start from the weights and tokenizer of this checkpoint directory
 
     def __post_init__(self):
@@ -123,6 +128,8 @@ class TrainConfig:
             raise ValueError("text_dropout and word_noise must be in [0, 1)")
         if not 0.0 <= self.scramble_share <= 1.0:
             raise ValueError("scramble_share must be in [0, 1]")
+        if not 0 <= self.value_first_steps <= self.plain_steps:
+            raise ValueError("value_first_steps must be in [0, plain_steps]: they are the plain start's last")
 
     @property
     def total_steps(self) -> int:
@@ -130,10 +137,18 @@ class TrainConfig:
 
 
 CORPORA = ("bios", "rich")
+VALUE_FIRST_SHARE = 0.5  # the value-first phase: chance that a plain sentence states its value first
 # Knobs that only stage B reads: a run resumed before stage B began may change them.
 STAGE_B_FIELDS = ("memory_lr_scale", "streams", "max_contexts", "filler_share", "questions_per_person",
                   "old_questions", "max_old_age", "cooldown_steps", "bank_rows", "bank_entries",
                   "bank_archive", "prompt_rows")
+
+
+def value_first_share(config: TrainConfig, step: int) -> float:
+    """The chance that a plain sentence states its value first at `step`: VALUE_FIRST_SHARE in the plain
+    start's last `value_first_steps`, else 0 (full renderings keep the stream's own mix)."""
+    in_phase = config.plain_steps - config.value_first_steps <= step < config.plain_steps
+    return VALUE_FIRST_SHARE if in_phase else 0.0
 
 
 PRESETS: dict[str, TrainConfig] = {
@@ -157,21 +172,28 @@ PRESETS: dict[str, TrainConfig] = {
 PRESETS["tiny-rich"] = dataclasses.replace(
     PRESETS["tiny"], corpus="rich", scramble_share=0.3, date_part_questions=True, plain_steps=2, copy_rows=1,
     copy_length=4, text_dropout=0.1, max_old_age=6, bank_rows=1, bank_entries=1, bank_archive=4,
-    prompt_rows=1,
+    prompt_rows=1, value_first_steps=1,
 )
 # stage B of the rich recipe again, from a rich checkpoint (--init-from), asking every question about each
 # freshly written person (2 of 8 leave three quarters of a write unsupervised); model/rich's second command
 PRESETS["rich-ask-all"] = dataclasses.replace(
     PRESETS["rich"], reader_steps=0, memory_steps=1500, cooldown_steps=300, questions_per_person=8,
 )
+# the candidate next rich recipe (docs/rich_history.md, "value first"): a longer plain start whose last
+# 1,200 steps state values first, every question asked in stage B, made-up words, whole-word filler
+PRESETS["rich-vf"] = dataclasses.replace(
+    PRESETS["rich"], plain_steps=3200, value_first_steps=1200, reader_steps=4800, questions_per_person=8,
+    word_noise=0.15, filler_dropout=False,
+)
 
 
 class Corpus(Protocol):
     """Where training text comes from. Every call draws from `rng` only (so runs are deterministic)."""
 
-    def document(self, rng: random.Random, plain: bool = False) -> tuple[str, list[tuple[str, str]]]:
+    def document(self, rng: random.Random, plain: bool = False, value_first: float = 0.0
+                 ) -> tuple[str, list[tuple[str, str]]]:
         """A fact-bearing document (a biography) and its (question, answer) pairs; `plain`: its easiest
-        rendering."""
+        rendering, each value stated before the name with chance `value_first`."""
 
     def filler(self, rng: random.Random) -> str:
         """Plain text with no facts to learn."""
@@ -393,7 +415,8 @@ class Trainer:
         plain = self.step < c.plain_steps
         rows = self._reading_rows(c.reader_batch, max_people, text_weight, questions, plain)
         for _ in range(c.filler_rows):
-            rows.add(*self.encode.text(self.corpus.filler(rng), 1.0, self._cut_rng(plain)))
+            cut_rng = self._cut_rng(plain or not c.filler_dropout)
+            rows.add(*self.encode.text(self.corpus.filler(rng), 1.0, cut_rng))
         for _ in range(c.copy_rows):
             rows.add(*copy_row(rng, c.copy_length, len(self.tokenizer)))
         ids, mask, weights = to_batch(rows, self.device)
@@ -406,9 +429,11 @@ class Trainer:
         """`count` rows of 1..max_people biographies in the prompt, then up to `questions` Q/A about people
         among them, tagged `tag` (default: "single" or "among" by the number of biographies)."""
         rng, cut_rng = self.data_rng, self._cut_rng(plain)
+        value_first = value_first_share(self.config, self.step)
         rows = Rows()
         for _ in range(count):
-            documents = [self.corpus.document(rng, plain) for _ in range(rng.randint(1, max_people))]
+            documents = [self.corpus.document(rng, plain, value_first)
+                         for _ in range(rng.randint(1, max_people))]
             qas = [qa for _, doc_qas in documents for qa in doc_qas]
             row = RowBuilder()
             for text, _ in documents:
@@ -487,7 +512,7 @@ class Trainer:
             row = RowBuilder()
             for qa, tag in asked:
                 row.qa(self.encode.qa(*qa), tag)
-            row.text(self.encode.text(self.corpus.filler(rng), 1.0, rng))
+            row.text(self.encode.text(self.corpus.filler(rng), 1.0, rng if c.filler_dropout else None))
             row.add_to(rows)
         ids, mask, weights = to_batch(rows, self.device)
         logits = self.engine(input_ids=ids, attention_mask=mask, memory=pools).logits
