@@ -16,6 +16,7 @@ from training.recipe import (
     _check_shape,
     _resume_mismatch,
     copy_row,
+    cuts_words,
     model_config,
     value_first_share,
 )
@@ -93,6 +94,15 @@ def test_the_value_first_phase_is_the_plain_starts_last_steps():
                                                            config.plain_steps, config.reader_steps)]
     assert shares == [0.0, 0.0, 0.5, 0.5, 0.0, 0.0]
     assert not any(value_first_share(PRESETS["rich"], step) for step in range(0, 8000, 50))
+
+
+def test_word_piece_dropout_starts_after_the_plain_start_and_spares_filler_without_filler_dropout():
+    rich, vf = PRESETS["rich"], PRESETS["rich-vf"]
+    assert [cuts_words(rich, step, filler=False) for step in (0, rich.plain_steps - 1, rich.plain_steps)] == [
+        False, False, True]
+    assert cuts_words(rich, rich.plain_steps, filler=True) and cuts_words(rich, rich.total_steps - 1, True)
+    assert cuts_words(vf, vf.plain_steps, filler=False)
+    assert not any(cuts_words(vf, step, filler=True) for step in (0, vf.plain_steps, vf.total_steps - 1))
 
 
 def test_a_checkpoint_of_the_presets_shape_passes_the_shape_check_and_another_does_not():

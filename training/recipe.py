@@ -151,6 +151,12 @@ def value_first_share(config: TrainConfig, step: int) -> float:
     return VALUE_FIRST_SHARE if in_phase else 0.0
 
 
+def cuts_words(config: TrainConfig, step: int, filler: bool) -> bool:
+    """Whether scored text at `step` gets word-piece dropout (`text_dropout`): never in the plain start,
+    which reads whole words, and on filler text only with `filler_dropout`."""
+    return step >= config.plain_steps and (config.filler_dropout or not filler)
+
+
 PRESETS: dict[str, TrainConfig] = {
     "default": TrainConfig(),
     # the free-wording recipe: rich stream, a plain start, date parts, copy rows, word-piece dropout,
@@ -415,8 +421,7 @@ class Trainer:
         plain = self.step < c.plain_steps
         rows = self._reading_rows(c.reader_batch, max_people, text_weight, questions, plain)
         for _ in range(c.filler_rows):
-            cut_rng = self._cut_rng(plain or not c.filler_dropout)
-            rows.add(*self.encode.text(self.corpus.filler(rng), 1.0, cut_rng))
+            rows.add(*self.encode.text(self.corpus.filler(rng), 1.0, self._cut_rng(filler=True)))
         for _ in range(c.copy_rows):
             rows.add(*copy_row(rng, c.copy_length, len(self.tokenizer)))
         ids, mask, weights = to_batch(rows, self.device)
@@ -428,7 +433,7 @@ class Trainer:
                       tag: str = "") -> Rows:
         """`count` rows of 1..max_people biographies in the prompt, then up to `questions` Q/A about people
         among them, tagged `tag` (default: "single" or "among" by the number of biographies)."""
-        rng, cut_rng = self.data_rng, self._cut_rng(plain)
+        rng, cut_rng = self.data_rng, self._cut_rng()
         value_first = value_first_share(self.config, self.step)
         rows = Rows()
         for _ in range(count):
@@ -444,10 +449,10 @@ class Trainer:
             row.add_to(rows)
         return rows
 
-    def _cut_rng(self, plain: bool) -> random.Random | None:
-        """The rng that cuts words of scored texts (word-piece dropout); None in the plain start, which
-        reads whole words."""
-        return None if plain else self.data_rng
+    def _cut_rng(self, filler: bool = False) -> random.Random | None:
+        """The rng that cuts words of a scored text (word-piece dropout), or None where it reads whole
+        words (`cuts_words`)."""
+        return self.data_rng if cuts_words(self.config, self.step, filler) else None
 
     def _num_contexts(self) -> int:
         """Contexts every stream injects this step: at most 1 at the start of stage B, growing linearly to
@@ -512,7 +517,7 @@ class Trainer:
             row = RowBuilder()
             for qa, tag in asked:
                 row.qa(self.encode.qa(*qa), tag)
-            row.text(self.encode.text(self.corpus.filler(rng), 1.0, rng if c.filler_dropout else None))
+            row.text(self.encode.text(self.corpus.filler(rng), 1.0, self._cut_rng(filler=True)))
             row.add_to(rows)
         ids, mask, weights = to_batch(rows, self.device)
         logits = self.engine(input_ids=ids, attention_mask=mask, memory=pools).logits
