@@ -134,7 +134,7 @@ def biography(person: bios.Person, rng: random.Random, split: str = "train", pla
         if attribute and rng.random() < scramble_share:
             sentences.append(_scrambled(attribute, reference, person, rng))
         else:
-            sentences.append(_fill(_noised(template, word_noise, rng), reference, person, attribute))
+            sentences.append(_fill(noised(template, word_noise, rng), reference, person, attribute))
     return " ".join(sentences)
 
 
@@ -143,7 +143,7 @@ def probes(person: bios.Person, rng: random.Random, split: str = "train", plain:
     """One question per attribute in ATTRIBUTES order, each in a phrasing of the split drawn from rng
     (`plain`: the split's first phrasing, drawing nothing), its words noised with `word_noise`."""
     questions = wording_of(split).questions
-    phrasings = [questions[a][0] if plain else _noised(rng.choice(questions[a]), word_noise, rng)
+    phrasings = [questions[a][0] if plain else noised(rng.choice(questions[a]), word_noise, rng)
                  for a in bios.ATTRIBUTES]
     return tuple(Probe(question=phrasing.format(name=person.full_name), answer=person.attribute(a))
                  for a, phrasing in zip(bios.ATTRIBUTES, phrasings, strict=True))
@@ -284,7 +284,7 @@ def _scrambled(attribute: str, reference: str, person: bios.Person, rng: random.
     return text[0].upper() + text[1:] + "."
 
 
-def _noised(template: str, share: float, rng: random.Random) -> str:
+def noised(template: str, share: float, rng: random.Random) -> str:
     """The template with each of its own words (not a {field}), with chance `share`, replaced by a
     made-up lowercase word (capitalised where the word was), punctuation kept; share 0 draws nothing."""
     if share == 0.0:

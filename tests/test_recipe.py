@@ -8,6 +8,8 @@ import pytest
 
 from model import MemoryLLMConfig
 from model.tokenizer import load_tokenizer
+from synthetic import bios, rich_bios
+from synthetic.question_grammar import built_questions
 from training.corpus import RichBiosCorpus
 from training.recipe import (
     PRESETS,
@@ -15,6 +17,7 @@ from training.recipe import (
     TrainConfig,
     _check_shape,
     _resume_mismatch,
+    built_question_share,
     copy_row,
     cuts_words,
     model_config,
@@ -103,6 +106,25 @@ def test_word_piece_dropout_starts_after_the_plain_start_and_spares_filler_witho
     assert cuts_words(rich, rich.plain_steps, filler=True) and cuts_words(rich, rich.total_steps - 1, True)
     assert cuts_words(vf, vf.plain_steps, filler=False)
     assert not any(cuts_words(vf, step, filler=True) for step in (0, vf.plain_steps, vf.total_steps - 1))
+
+
+def test_built_questions_replace_a_share_of_full_documents_questions_from_their_step():
+    vf = PRESETS["rich-vf"]
+    assert [built_question_share(vf, s) for s in (0, vf.built_questions_from - 1, vf.built_questions_from,
+                                                  vf.total_steps - 1)] == [0.0, 0.0, 0.5, 0.5]
+    assert built_question_share(PRESETS["rich"], 5000) == 0.0
+    corpus, own = RichBiosCorpus(seed=0, people=50), rich_bios.wording_of("train").questions
+
+    def phrasings(seed: int, **kwargs) -> list[tuple[str, str]]:
+        qas = corpus.document(random.Random(seed), **kwargs)[1]
+        person = next(p for p in corpus.people if p.full_name in qas[0][0])
+        return [(a, q.replace(person.full_name, "{name}"))
+                for a, (q, _) in zip(bios.ATTRIBUTES, qas, strict=True)]
+
+    for seed in range(20):
+        assert all(q in built_questions(a) for a, q in phrasings(seed, built=1.0))
+        assert all(q in own[a] for a, q in phrasings(seed, built=0.0))
+        assert all(q == own[a][0] for a, q in phrasings(seed, plain=True, built=1.0))
 
 
 def test_a_checkpoint_of_the_presets_shape_passes_the_shape_check_and_another_does_not():

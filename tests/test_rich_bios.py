@@ -8,6 +8,7 @@ import string
 import pytest
 
 from synthetic import bios, rich_bios, wording
+from synthetic.question_grammar import built_questions
 
 
 def _template_pattern(template: str) -> re.Pattern:
@@ -216,3 +217,15 @@ def test_data_bios_rich_stream_writes_both_heldout_splits(tmp_path):
     lines = (tmp_path / "heldout_wording.jsonl").read_bytes().splitlines()
     wording_docs = [parse_document(line) for line in lines]
     assert wording_docs == list(rich_bios.bio_documents(20, "heldout-wording", seed=3))
+
+
+def test_built_questions_share_frames_across_attributes_and_stay_clear_of_held_out_phrasings():
+    held = {q for qs in rich_bios.wording_of("heldout-wording").questions.values() for q in qs}
+    built = {a: built_questions(a) for a in bios.ATTRIBUTES}
+    assert all(len(questions) >= 60 and "{name}" in questions[0] for questions in built.values())
+    assert not held & {q for questions in built.values() for q in questions}
+    assert "What is {name}'s university?" not in built["university"]  # one word from a held-out one
+    assert "What is {name}'s alma mater?" in built["university"] and "Tell me {name}'s employer." in built[
+        "employer"]
+    wheres = {a for a, questions in built.items() if any(q.startswith("Where ") for q in questions)}
+    assert wheres == {"birth_city", "university", "employer"}  # "where" alone does not tell the attribute

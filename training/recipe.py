@@ -22,7 +22,8 @@ rows that keep reading biographies in the prompt as stage A did (`prompt_rows`).
 stage B alone, started from a rich checkpoint, asking every question about each fresh person. `rich-vf`
 is the candidate next recipe: the plain start's last steps state values before names (`value_first_steps`:
 reading a value before knowing whose it is), every question asked in stage B, made-up words
-(`word_noise`), and filler read in whole words (`filler_dropout` off).
+(`word_noise`), filler read in whole words (`filler_dropout` off), and questions in phrasings built from
+parts (`built_question_share`, synthetic/question_grammar.py).
 
 The recipe is data-agnostic: a `Corpus` gives documents with their question/answer pairs and filler
 texts (training/corpus.py builds the default one from the synthetic biographies). Runs go through
@@ -112,6 +113,8 @@ class TrainConfig:
     corpus: str = "bios"  # "bios": six templates per attribute; "rich": free wording (synthetic/rich_bios.py)
     scramble_share: float = 0.0  # rich: share of attribute sentences stated among random words
     word_noise: float = 0.0  # rich: chance that a word of a (not plain) rendering or question is made up
+    built_question_share: float = 0.0  # rich: chance that a (not plain) question is a built phrasing
+    built_questions_from: int = 0  # ... from this step on (synthetic/question_grammar.py)
     date_part_questions: bool = False  # rich: also ask a birth date's month, day and year
     plain_steps: int = 0  # stage A's first steps: plain documents (corpus.document(plain)), whole words
     value_first_steps: int = 0  # ... the last of them: each value stated first with chance VALUE_FIRST_SHARE
@@ -128,6 +131,8 @@ class TrainConfig:
             raise ValueError("text_dropout and word_noise must be in [0, 1)")
         if not 0.0 <= self.scramble_share <= 1.0:
             raise ValueError("scramble_share must be in [0, 1]")
+        if not 0.0 <= self.built_question_share <= 1.0:
+            raise ValueError("built_question_share must be in [0, 1]")
         if not 0 <= self.value_first_steps <= self.plain_steps:
             raise ValueError("value_first_steps must be in [0, plain_steps]: they are the plain start's last")
 
@@ -149,6 +154,11 @@ def value_first_share(config: TrainConfig, step: int) -> float:
     start's last `value_first_steps`, else 0 (full renderings keep the stream's own mix)."""
     in_phase = config.plain_steps - config.value_first_steps <= step < config.plain_steps
     return VALUE_FIRST_SHARE if in_phase else 0.0
+
+
+def built_question_share(config: TrainConfig, step: int) -> float:
+    """The chance that a question of a (not plain) document is a built phrasing at `step`."""
+    return config.built_question_share if step >= config.built_questions_from else 0.0
 
 
 def cuts_words(config: TrainConfig, step: int, filler: bool) -> bool:
@@ -186,20 +196,22 @@ PRESETS["rich-ask-all"] = dataclasses.replace(
     PRESETS["rich"], reader_steps=0, memory_steps=1500, cooldown_steps=300, questions_per_person=8,
 )
 # the candidate next rich recipe (docs/rich_history.md, "value first"): a longer plain start whose last
-# 1,200 steps state values first, every question asked in stage B, made-up words, whole-word filler
+# 1,200 steps state values first, every question asked in stage B, made-up words, whole-word filler, and
+# half the questions built phrasings from step 4,000 (where the run in the docs turned them on)
 PRESETS["rich-vf"] = dataclasses.replace(
     PRESETS["rich"], plain_steps=3200, value_first_steps=1200, reader_steps=4800, questions_per_person=8,
-    word_noise=0.15, filler_dropout=False,
+    word_noise=0.15, filler_dropout=False, built_question_share=0.5, built_questions_from=4000,
 )
 
 
 class Corpus(Protocol):
     """Where training text comes from. Every call draws from `rng` only (so runs are deterministic)."""
 
-    def document(self, rng: random.Random, plain: bool = False, value_first: float = 0.0
+    def document(self, rng: random.Random, plain: bool = False, value_first: float = 0.0, built: float = 0.0
                  ) -> tuple[str, list[tuple[str, str]]]:
         """A fact-bearing document (a biography) and its (question, answer) pairs; `plain`: its easiest
-        rendering, each value stated before the name with chance `value_first`."""
+        rendering, each value stated before the name with chance `value_first`; else each question a built
+        phrasing with chance `built`."""
 
     def filler(self, rng: random.Random) -> str:
         """Plain text with no facts to learn."""
@@ -435,9 +447,10 @@ class Trainer:
         among them, tagged `tag` (default: "single" or "among" by the number of biographies)."""
         rng, cut_rng = self.data_rng, self._cut_rng()
         value_first = value_first_share(self.config, self.step)
+        built = built_question_share(self.config, self.step)
         rows = Rows()
         for _ in range(count):
-            documents = [self.corpus.document(rng, plain, value_first)
+            documents = [self.corpus.document(rng, plain, value_first, built)
                          for _ in range(rng.randint(1, max_people))]
             qas = [qa for _, doc_qas in documents for qa in doc_qas]
             row = RowBuilder()
@@ -491,9 +504,10 @@ class Trainer:
         if self.pools is None:
             self.pools = self._warm_pools()
             self.pool_people = [[] for _ in range(c.streams)]
-        num_contexts = self._num_contexts()
-        plans = [[self.corpus.filler(rng) if rng.random() < c.filler_share else self.corpus.document(rng)
-                  for _ in range(num_contexts)] for _ in range(c.streams)]
+        num_contexts, built = self._num_contexts(), built_question_share(c, self.step)
+        plans = [[self.corpus.filler(rng) if rng.random() < c.filler_share
+                  else self.corpus.document(rng, built=built) for _ in range(num_contexts)]
+                 for _ in range(c.streams)]
         pools = self.pools
         episodes: list[list[PoolEntry]] = [[] for _ in range(c.streams)]
         for position in range(num_contexts):
