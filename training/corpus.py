@@ -28,7 +28,7 @@ class BiosCorpus:
 
     def document(self, rng: random.Random, plain: bool = False, value_first: float = 0.0, built: float = 0.0
                  ) -> tuple[str, list[tuple[str, str]]]:
-        person = rng.choice(self.people)  # one rendering, six phrasings: the other arguments do not apply
+        person = rng.choice(self.people)  # one question per attribute, no plain form: the rest do not apply
         return bios.biography(person, rng), [(p.question, p.answer) for p in bios.probes(person)]
 
     def filler(self, rng: random.Random) -> str:
