@@ -54,7 +54,7 @@ VERB_FRAMES = {
 
 @functools.cache
 def built_questions(attribute: str) -> tuple[str, ...]:
-    """The attribute's built phrasings ("{name}" to fill), none within one word of a held-out template."""
+    """The attribute's built phrasings ("{name}" to fill), none within one word of a held-out phrasing."""
     held = [_words(t) for templates in rich_bios.wording_of("heldout-wording").questions.values()
             for t in templates]
     built = [frame.replace("{noun}", noun)

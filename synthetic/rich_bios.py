@@ -207,6 +207,12 @@ def names_first(templates: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(t for t in templates if t.index("{name}") < t.index("{value}"))
 
 
+@functools.cache
+def values_first(templates: tuple[str, ...]) -> tuple[str, ...]:
+    """The templates that state the value before they name the person: the rest of `names_first`."""
+    return tuple(t for t in templates if t not in names_first(templates))
+
+
 def bio_documents(n: int, split: str = "train", seed: int = 0) -> Iterator[Document]:
     """The split's first n people as documents (source "bios", doc_ids "bios-<split>-s<seed>-<index>")."""
     rng = random.Random(f"ckl-rich-bios-text:{split}:{seed}")
@@ -223,10 +229,8 @@ def _plain_rendering(person: bios.Person, order: list[str], words: Wording, rng:
     an attribute (the draw is made all the same)."""
     sentences = []
     for attribute in order:
-        templates = names_first(words.sentences[attribute])
-        if value_first_share and rng.random() < value_first_share:
-            templates = tuple(t for t in words.sentences[attribute] if t not in templates)
-        template = rng.choice(templates)
+        value_first = value_first_share and rng.random() < value_first_share
+        template = rng.choice((values_first if value_first else names_first)(words.sentences[attribute]))
         template = (stated_by or {}).get(attribute, template)
         sentences.append(_fill(template, person.full_name, person, attribute))
     return " ".join(sentences)
